@@ -1,0 +1,42 @@
+"""Builds the Cython extensions run._run (run.pyx) and runq._runq (runq.pyx).
+
+The compiler flags come from LLAMA_CFLAGS, so that the Makefile's targets mean what they mean in
+llama2.c (run: -O3, runfast: -Ofast, runomp: -Ofast -fopenmp -march=native, ...). Without it,
+`pip install .` builds like `make runomp`.
+"""
+import os
+import shlex
+import sys
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+MSVC = sys.platform == "win32"
+DEFAULT_CFLAGS = "/O2 /fp:fast /openmp" if MSVC else "-Ofast -fopenmp -march=native"
+
+
+def compiler_flags():
+    cflags = shlex.split(os.environ.get("LLAMA_CFLAGS", DEFAULT_CFLAGS))
+    if MSVC:
+        return cflags, []
+    # Python's own CFLAGS carry -fwrapv, which stops gcc from vectorizing the matmul's
+    # w[i * n + j] loop (5 GB/s instead of 31 GB/s here): undo it after the defaults.
+    cflags.append("-fno-wrapv")
+    openmp = [f for f in cflags if f in ("-fopenmp", "-fopenmp-simd")]
+    return cflags, [f for f in openmp if f == "-fopenmp"]
+
+
+def extension(name, source):
+    cflags, ldflags = compiler_flags()
+    return Extension(name, [source], extra_compile_args=cflags, extra_link_args=ldflags,
+                     libraries=[] if MSVC else ["m"])
+
+
+debug = os.environ.get("LLAMA_DEBUG") == "1"
+directives = dict(language_level=3, boundscheck=debug, wraparound=debug, cdivision=True,
+                  initializedcheck=debug)
+sources = [("run._run", "run.pyx"), ("runq._runq", "runq.pyx")]
+extensions = [extension(name, src) for name, src in sources if os.path.exists(src)]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives, build_dir="build",
+                            quiet=True))
