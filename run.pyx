@@ -11,6 +11,8 @@ from libc.stdlib cimport bsearch, calloc, free, malloc, qsort
 from libc.string cimport memcpy, memset, strcmp, strlen
 from libc.time cimport time
 
+import builtins
+import math
 import mmap
 import os
 import re
@@ -1203,10 +1205,12 @@ _INT = re.compile(r"\s*[+-]?\d+\s*\Z")
 def parse_float(flag, text):
     # run.c's atof turns "abc" into 0.0 silently; a value that is not a number is refused
     try:
-        value = float(text)
+        # CPython's float(), not Cython's inlined parser: under -ffast-math that one turns "nan"
+        # into -1.0
+        value = builtins.float(text)
     except ValueError:
-        value = float("nan")
-    if value != value:
+        value = None
+    if value is None or math.isnan(value):
         error_usage(f"{flag} expects a number, got {text!r}")
     return value
 

@@ -1,0 +1,78 @@
+# The targets of llama2.c's Makefile, with the same compiler flags, applied to the Cython
+# extensions (run.pyx -> run/_run*.so, runq.pyx -> runq/_runq*.so) instead of run.c / runq.c.
+# Each target first makes a virtual environment in .venv with the build requirements
+# (set PY=python3 to use your own environment instead).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY ?= $(VENV)/bin/python
+DEPS := $(VENV)/.requirements-installed
+SOURCES := run.pyx $(wildcard runq.pyx) setup.py
+BUILD = LLAMA_CFLAGS="$(1)" $(PY) setup.py -q build_ext --inplace --force
+
+$(DEPS): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	touch $@
+
+# the recommended build, also what `make test`, `make demo` and `pip install .` use
+.PHONY: runomp
+runomp: $(DEPS)
+	$(call BUILD,-Ofast -fopenmp -march=native)
+
+# simple build: gcc -O3, no OpenMP (one thread)
+.PHONY: run
+run: $(DEPS)
+	$(call BUILD,-O3)
+
+# debug build: no optimization, with Cython's bounds checks on
+.PHONY: rundebug
+rundebug: $(DEPS)
+	LLAMA_DEBUG=1 $(call BUILD,-g -O0)
+
+# -Ofast: -O3 plus fast math (not IEEE-exact, usually faster)
+.PHONY: runfast
+runfast: $(DEPS)
+	$(call BUILD,-Ofast)
+
+# for CentOS 7 / Amazon Linux 2018: gnu11
+.PHONY: rungnu runompgnu
+rungnu: $(DEPS)
+	$(call BUILD,-Ofast -std=gnu11)
+runompgnu: $(DEPS)
+	$(call BUILD,-Ofast -fopenmp -std=gnu11)
+
+# the GPU path: run_cuda.py needs PyCUDA (and the CUDA toolkit to build it)
+.PHONY: runcuda
+runcuda: runomp
+	$(PY) -m pip install -q pycuda
+
+# build with the recommended flags unless an extension is already newer than its sources
+.PHONY: build
+build: $(DEPS)
+	@if [ -z "$$(ls run/_run*.so 2>/dev/null)" ] || [ -n "$$(find $(SOURCES) -newer "$$(ls run/_run*.so | head -1)")" ]; then \
+		$(MAKE) --no-print-directory runomp; fi
+
+# quick start: generate a story with the model the repo ships
+.PHONY: demo
+demo: build
+	$(PY) -m run testdata/tiny_gqa.bin -z testdata/tok512.bin -n 120 -t 0.8 -s 42 -i "Once upon a time"
+
+# the whole test suite (pytest exit status 5, no test collected, counts as a failure)
+.PHONY: test
+test: build
+	$(PY) -m pytest -q
+
+# the comparisons against the C reference's recorded outputs only
+.PHONY: testc
+testc: build
+	$(PY) -m pytest -q test_all.py
+
+# decode speed against numpy's sgemv bandwidth, on random models in the stories15M/110M shapes
+.PHONY: bench
+bench: build
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(PY) bench.py
+
+.PHONY: clean
+clean:
+	rm -rf build run/_run*.so runq/_runq*.so *.egg-info .pytest_cache

@@ -1,0 +1,144 @@
+"""Decode speed of `python -m run` (and `python -m runq`) against numpy's sgemv bandwidth.
+
+Writes random-weight models in the stories15M and stories110M shapes with export.py (cached in
+build/bench/), times decode with the command line exactly as a user runs it (the tok/s that run
+reports on stderr, best of --repeats), and in the same run measures how fast numpy's sgemv
+(matrix @ vector) streams the very same weight matrices. Decode reads every weight once per
+token, so tok/s x weight bytes = GB/s, and GB/s / numpy's GB/s says how close to memory-bound
+the port is.
+
+    python bench.py [--shapes 15M 110M] [--repeats 3] [--steps 256]
+"""
+import argparse
+import os
+import re
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import export
+import run
+
+REPO = Path(__file__).resolve().parent
+CACHE = REPO / "build" / "bench"
+SHAPES = {
+    "15M": dict(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, seq_len=256),
+    "42M": dict(dim=512, hidden_dim=1376, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=32000, seq_len=1024),
+    "110M": dict(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000, seq_len=1024),
+}
+# the acceptance targets of the issues (../shared/NOTES.md has the C figures they come from)
+TARGETS = {("run", "110M"): ("ratio", 0.95), ("run", "15M"): ("tok/s", 750.0),
+           ("runq", "110M"): ("ratio", 0.45)}
+
+
+def write_tokenizer(path, vocab_size):
+    """A tokenizer with vocab_size pieces in llama2.c's format: the 3 specials, the 256 byte
+    pieces, then made-up word pieces (decoding speed does not depend on what they say)."""
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % i for i in range(256)]
+    pieces += [b" w%d" % i for i in range(vocab_size - len(pieces))]
+    with open(path, "wb") as f:
+        f.write(struct.pack("I", max(map(len, pieces))))
+        for i, piece in enumerate(pieces):
+            f.write(struct.pack("fi", -float(i), len(piece)) + piece)
+
+
+def model_files(name, with_q80):
+    """The cached fp32 (and Q8_0) model files of a shape, written once."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    config = SHAPES[name]
+    fp32, q80, tok = CACHE / f"{name}.bin", CACHE / f"{name}_q80.bin", CACHE / "tok32000.bin"
+    weights = None
+    if not fp32.exists() or (with_q80 and not q80.exists()):
+        print(f"writing random {name} model files in {CACHE} ...", file=sys.stderr)
+        weights = export.random_model(config, seed=0, shared=True)
+        export.write_v0(fp32, config, weights, True)
+        if with_q80:
+            export.write_v2(q80, config, weights, True)
+    if not tok.exists():
+        write_tokenizer(tok, 32000)
+    return fp32, q80, tok
+
+
+def matmul_weights(path):
+    """The matrices decode multiplies with, one after the other, as numpy views of the file."""
+    w = run.Transformer(str(path)).weights
+    layers = zip(*(w[k] for k in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")))
+    return [m for layer in layers for m in layer] + [w["wcls"]]
+
+
+def numpy_sgemv_gbps(matrices, repeats):
+    """GB/s of numpy's sgemv over the matrices, in decode's order (best of repeats passes)."""
+    vectors = {m.shape[1]: np.random.default_rng(0).standard_normal(m.shape[1], dtype=np.float32)
+               for m in matrices}
+    nbytes = sum(m.nbytes for m in matrices)
+    best = float("inf")
+    for _ in range(repeats * 5 + 1):  # the first pass warms the page cache
+        t0 = time.perf_counter()
+        for m in matrices:
+            m @ vectors[m.shape[1]]
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def decode_tok_s(prog, model, tokenizer, steps, repeats):
+    """The best `achieved tok/s` that `python -m prog` reports over repeats greedy runs."""
+    best = 0.0
+    for _ in range(repeats):
+        proc = subprocess.run([sys.executable, "-m", prog, str(model), "-z", str(tokenizer),
+                               "-n", str(steps), "-t", "0"], cwd=REPO, capture_output=True,
+                              text=True, check=True)
+        best = max(best, float(re.search(r"achieved tok/s: ([0-9.]+)", proc.stderr).group(1)))
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=["15M", "110M"], choices=sorted(SHAPES))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--no-runq", action="store_true", help="only the fp32 path")
+    args = ap.parse_args()
+    try:
+        import runq  # noqa: F401
+        has_runq = not args.no_runq
+    except ImportError:
+        has_runq = False
+
+    print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cpus, "
+          f"{args.steps} steps, best of {args.repeats}")
+    print(f"| program | shape | weights/token | tok/s | GB/s | numpy sgemv GB/s | ratio | target |")
+    print(f"| --- | --- | --- | --- | --- | --- | --- | --- |")
+    failed = False
+    for name in args.shapes:
+        fp32, q80, tok = model_files(name, has_runq)
+        matrices = matmul_weights(fp32)
+        numpy_gbps = numpy_sgemv_gbps(matrices, args.repeats)
+        fp32_bytes = sum(m.nbytes for m in matrices)
+        programs = [("run", fp32, fp32_bytes)]
+        if has_runq:
+            # int8 values plus one float32 scale per group
+            with open(q80, "rb") as f:
+                group_size = struct.unpack_from("i", f.read(64), 37)[0]
+            programs.append(("runq", q80, fp32_bytes // 4 + fp32_bytes // group_size))
+        for prog, model, nbytes in programs:
+            tok_s = decode_tok_s(prog, model, tok, args.steps, args.repeats)
+            gbps = tok_s * nbytes / 1e9
+            ratio = gbps / numpy_gbps
+            target = TARGETS.get((prog, name))
+            verdict = ""
+            if target:
+                value = ratio if target[0] == "ratio" else tok_s
+                ok = value >= target[1]
+                failed |= not ok
+                verdict = f"{target[0]} >= {target[1]:g}: {'met' if ok else 'MISSED'}"
+            print(f"| {prog} | {name} | {nbytes / 1e6:.0f} MB | {tok_s:.1f} | {gbps:.1f} | "
+                  f"{numpy_gbps:.1f} | {ratio:.2f} | {verdict} |", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
