@@ -1,0 +1,595 @@
+#!/usr/bin/env python3
+"""Write llama2.c model files: convert between the formats run.c and runq.c read, or export a
+llama2.c train.py checkpoint or a Hugging Face Llama folder. NumPy only; torch is imported only
+for --checkpoint.
+
+    python export.py OUT.bin --version {0,1,2} (--bin IN.bin | --checkpoint ckpt.pt | --hf DIR)
+                     [--group-size N]
+
+The formats (little-endian; [wcls] is there only when the classifier is not shared with the
+token embedding table):
+  v0 (legacy, run.c): 7 int32 config values (vocab_size negated when wcls is separate), then fp32
+     token_embedding_table, rms_att_weight, wq, wk, wv, wo, rms_ffn_weight, w1, w2, w3,
+     rms_final_weight, freq_cis_real, freq_cis_imag (seq_len x head_size/2 each), [wcls].
+  v1 (fp32): a 256-byte header: uint32 magic "ak42", int32 version, the 7 int32 config values,
+     uint8 shared classifier; then fp32 rms_att_weight, rms_ffn_weight, rms_final_weight,
+     token_embedding_table, wq, wk, wv, wo, w1, w2, w3, [wcls].
+  v2 (Q8_0, runq.c): the v1 header with int32 group_size after the shared byte; fp32 norms as
+     in v1; then token_embedding_table, wq, wk, wv, wo, w1, w2, w3, [wcls], quantized one layer's
+     matrix at a time: its int8 values, then one fp32 scale per group of group_size values.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import struct
+import sys
+
+import numpy as np
+
+MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
+HEADER_SIZE = 256
+CONFIG_KEYS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
+NORMS = ("rms_att_weight", "rms_ffn_weight", "rms_final_weight")
+MATRICES = ("token_embedding_table", "wq", "wk", "wv", "wo", "w1", "w2", "w3")  # then [wcls]
+V0_ORDER = ("token_embedding_table", "rms_att_weight", "wq", "wk", "wv", "wo", "rms_ffn_weight",
+            "w1", "w2", "w3", "rms_final_weight")
+LAYERED = ("rms_att_weight", "wq", "wk", "wv", "wo", "rms_ffn_weight", "w1", "w2", "w3")
+
+# Where each weight lives in a train.py state_dict and in a Hugging Face Llama; "{}" is the layer.
+CHECKPOINT_NAMES = {
+    "token_embedding_table": "tok_embeddings.weight",
+    "rms_att_weight": "layers.{}.attention_norm.weight",
+    "wq": "layers.{}.attention.wq.weight",
+    "wk": "layers.{}.attention.wk.weight",
+    "wv": "layers.{}.attention.wv.weight",
+    "wo": "layers.{}.attention.wo.weight",
+    "rms_ffn_weight": "layers.{}.ffn_norm.weight",
+    "w1": "layers.{}.feed_forward.w1.weight",
+    "w2": "layers.{}.feed_forward.w2.weight",
+    "w3": "layers.{}.feed_forward.w3.weight",
+    "rms_final_weight": "norm.weight",
+    "wcls": "output.weight",
+}
+HF_NAMES = {
+    "token_embedding_table": "model.embed_tokens.weight",
+    "rms_att_weight": "model.layers.{}.input_layernorm.weight",
+    "wq": "model.layers.{}.self_attn.q_proj.weight",
+    "wk": "model.layers.{}.self_attn.k_proj.weight",
+    "wv": "model.layers.{}.self_attn.v_proj.weight",
+    "wo": "model.layers.{}.self_attn.o_proj.weight",
+    "rms_ffn_weight": "model.layers.{}.post_attention_layernorm.weight",
+    "w1": "model.layers.{}.mlp.gate_proj.weight",
+    "w2": "model.layers.{}.mlp.down_proj.weight",
+    "w3": "model.layers.{}.mlp.up_proj.weight",
+    "rms_final_weight": "model.norm.weight",
+    "wcls": "lm_head.weight",
+}
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+class ExportError(ValueError):
+    """Bad input; the CLI prints the message as one line and exits with status 1."""
+
+
+def _silent(message):
+    pass
+
+
+# ---------------------------------------------------------------------------- shapes and checks
+
+def weight_shapes(config):
+    """The shape of every weight, in run.c's TransformerWeights names (wcls included)."""
+    dim, hidden, layers = config["dim"], config["hidden_dim"], config["n_layers"]
+    kv_dim = config["n_kv_heads"] * (dim // config["n_heads"])
+    vocab = config["vocab_size"]
+    return {
+        "token_embedding_table": (vocab, dim),
+        "rms_att_weight": (layers, dim),
+        "wq": (layers, dim, dim),
+        "wk": (layers, kv_dim, dim),
+        "wv": (layers, kv_dim, dim),
+        "wo": (layers, dim, dim),
+        "rms_ffn_weight": (layers, dim),
+        "w1": (layers, hidden, dim),
+        "w2": (layers, dim, hidden),
+        "w3": (layers, hidden, dim),
+        "rms_final_weight": (dim,),
+        "wcls": (vocab, dim),
+    }
+
+
+def _check_config(config, where):
+    """The config as a dict of 7 positive ints that run.c can use; ExportError naming `where`."""
+    try:
+        cfg = {key: int(config[key]) for key in CONFIG_KEYS}
+    except KeyError as e:
+        raise ExportError(f"{where}: no {e.args[0]}") from None
+    bad = [key for key, value in cfg.items() if value <= 0]
+    if bad:
+        raise ExportError(f"{where}: {', '.join(bad)} must be positive")
+    if cfg["dim"] % cfg["n_heads"] or cfg["n_heads"] % cfg["n_kv_heads"]:
+        raise ExportError(f"{where}: dim {cfg['dim']} must be a multiple of n_heads "
+                          f"{cfg['n_heads']}, and n_heads a multiple of n_kv_heads "
+                          f"{cfg['n_kv_heads']}")
+    return cfg
+
+
+def _check_weights(config, weights, shared):
+    for name, shape in weight_shapes(config).items():
+        if name == "wcls" and shared:
+            continue
+        if name not in weights:
+            raise ExportError(f"weights: no {name}")
+        if np.shape(weights[name]) != shape:
+            raise ExportError(f"weights: {name} has shape {np.shape(weights[name])}, "
+                              f"the config says {shape}")
+
+
+def _tensor_names(shared):
+    """The matrices that v2 quantizes, in file order."""
+    return MATRICES if shared else MATRICES + ("wcls",)
+
+
+def _pieces(name, array):
+    """What is stored as one tensor: each layer's slice of a stacked weight, or the whole one."""
+    return array if name in LAYERED else (array,)
+
+
+# ---------------------------------------------------------------------------- Q8_0
+
+def choose_group_size(config, group_size=64, back_off=True):
+    """A Q8_0 group size dividing every matmul row length (dim and hidden_dim; every quantized
+    tensor is a whole number of rows, so its size follows). runq.c computes wrong numbers when a
+    group straddles two rows (llama2.c PR #532: stories42M, hidden 1376, group 64). With back_off,
+    halve group_size until it divides (upstream export.py checked dim only); else refuse it."""
+    rows = (config["dim"], config["hidden_dim"])
+    if group_size < 1:
+        raise ExportError(f"group size {group_size} must be positive")
+    if back_off:
+        while any(n % group_size for n in rows):
+            group_size //= 2  # 1 divides everything, so this ends
+    elif any(n % group_size for n in rows):
+        fits = choose_group_size(config, group_size)
+        raise ExportError(f"group size {group_size} does not divide both dim {rows[0]} and "
+                          f"hidden_dim {rows[1]} (runq would compute wrong numbers); try {fits}")
+    return group_size
+
+
+def quantize_q80(w, group_size):
+    """Q8_0: each run of group_size consecutive values (row-major) becomes int8 values q and one
+    float32 scale = max|x| / 127, with x ~= q * scale. Rounds half to even, like the torch.round
+    of upstream's export.py, so the files agree byte for byte.
+    Returns (q shaped like w, scales (one per group), largest absolute error)."""
+    w = np.asarray(w, dtype=np.float32)
+    if group_size < 1 or w.size % group_size:
+        raise ExportError(f"{w.size} values do not split into groups of {group_size}")
+    x = w.reshape(-1, group_size)
+    scale = np.abs(x).max(axis=1) / np.float32(127.0)
+    # An all-zero group has scale 0: divide it by 1 instead, its values stay 0.
+    q = x / np.where(scale > 0, scale, np.float32(1.0))[:, None]
+    np.round(q, out=q)
+    q = q.astype(np.int8)
+    error = float(np.abs(q * scale[:, None] - x).max())
+    return q.reshape(w.shape), scale, error
+
+
+def _dequantize(q, scale, shape):
+    group_size = q.size // scale.size
+    return (q.reshape(-1, group_size) * scale[:, None]).reshape(shape)
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _file_size(cfg, shared, version, group_size):
+    counts = {name: math.prod(shape) for name, shape in weight_shapes(cfg).items()
+              if not (name == "wcls" and shared)}
+    if version == 0:
+        rope = 2 * cfg["seq_len"] * (cfg["dim"] // cfg["n_heads"] // 2)
+        return 28 + 4 * (sum(counts.values()) + rope)
+    if version == 1:
+        return HEADER_SIZE + 4 * sum(counts.values())
+    quantized = sum(counts[name] for name in _tensor_names(shared))
+    norms = sum(counts[name] for name in NORMS)
+    return HEADER_SIZE + 4 * norms + quantized + 4 * (quantized // group_size)
+
+
+def _read_header(fh, path):
+    """(version, config, shared, group_size or None) from a model file's header."""
+    head = fh.read(HEADER_SIZE)
+    if len(head) >= 8 and struct.unpack_from("<I", head)[0] == MAGIC:
+        version = struct.unpack_from("<i", head, 4)[0]
+        if version not in (1, 2):
+            raise ExportError(f"{path}: llama2.c file version {version} is unknown (1 and 2 are)")
+        if len(head) < HEADER_SIZE:
+            raise ExportError(f"{path}: truncated header")
+        config = dict(zip(CONFIG_KEYS, struct.unpack_from("<7i", head, 8)))
+        shared = bool(head[36])
+        group_size = struct.unpack_from("<i", head, 37)[0] if version == 2 else None
+    elif len(head) >= 28:
+        version, group_size = 0, None
+        config = dict(zip(CONFIG_KEYS, struct.unpack_from("<7i", head)))
+        shared = config["vocab_size"] > 0
+        config["vocab_size"] = abs(config["vocab_size"])
+    else:
+        raise ExportError(f"{path}: too short for a llama2.c model file")
+    return version, _check_config(config, f"{path}: not a llama2.c model file"), shared, group_size
+
+
+def read_model(path, log=None):
+    """Read a llama2.c model file, v0, v1 or v2, into (config, weights, shared): weights are
+    float32 arrays named and shaped like run.c's TransformerWeights (see weight_shapes), v2 ones
+    dequantized; weights["wcls"] is weights["token_embedding_table"] when shared."""
+    log = log or _silent
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        version, cfg, shared, group_size = _read_header(fh, path)
+        shapes = weight_shapes(cfg)
+        if version == 2:
+            for name in _tensor_names(shared):
+                piece = math.prod(shapes[name][1:] if name in LAYERED else shapes[name])
+                if group_size < 1 or piece % group_size:
+                    raise ExportError(f"{path}: group size {group_size} does not divide {name}")
+        expected = _file_size(cfg, shared, version, group_size)
+        if size != expected:
+            raise ExportError(f"{path}: {size} bytes, but a version {version} file with this "
+                              f"header has {expected}: not a llama2.c model file, or truncated")
+        fh.seek(28 if version == 0 else HEADER_SIZE)
+
+        def fp32(shape):
+            return np.fromfile(fh, "<f4", math.prod(shape)).astype(np.float32, copy=False) \
+                .reshape(shape)
+
+        weights = {}
+        if version == 0:
+            for name in V0_ORDER:
+                weights[name] = fp32(shapes[name])
+            head_size = cfg["dim"] // cfg["n_heads"]
+            fh.seek(2 * cfg["seq_len"] * (head_size // 2) * 4, os.SEEK_CUR)  # freq_cis tables
+            if not shared:
+                weights["wcls"] = fp32(shapes["wcls"])
+        elif version == 1:
+            for name in NORMS + _tensor_names(shared):
+                weights[name] = fp32(shapes[name])
+        else:
+            for name in NORMS:
+                weights[name] = fp32(shapes[name])
+            for name in _tensor_names(shared):
+                out = np.empty(shapes[name], np.float32)
+                for piece in _pieces(name, out):
+                    q = np.fromfile(fh, np.int8, piece.size)
+                    scale = np.fromfile(fh, "<f4", piece.size // group_size)
+                    piece[...] = _dequantize(q, scale, piece.shape)
+                weights[name] = out
+        if shared:
+            weights["wcls"] = weights["token_embedding_table"]
+    log(f"read {path}: version {version}, {cfg}, {'shared' if shared else 'separate'} classifier")
+    return cfg, weights, shared
+
+
+# ---------------------------------------------------------------------------- writing
+
+def _write(fh, array, dtype):
+    """Stream one tensor's bytes to the file without an intermediate bytes copy."""
+    fh.write(memoryview(np.ascontiguousarray(array, dtype=dtype)).cast("B"))
+
+
+def _config_ints(cfg):
+    return [cfg[key] for key in CONFIG_KEYS]
+
+
+def _write_header(fh, version, cfg, shared, extra=b""):
+    fh.write(struct.pack("<Ii7iB", MAGIC, version, *_config_ints(cfg), shared) + extra)
+    fh.write(b"\0" * (HEADER_SIZE - fh.tell()))
+
+
+def rope_tables(config):
+    """v0's freq_cis_real and freq_cis_imag tables, computed in float32 in model.py's order.
+    run.c skips them (it computes RoPE itself); upstream's files, written with torch's cos and
+    sin, can differ from these in the last bit."""
+    head_size = config["dim"] // config["n_heads"]
+    inv = 1.0 / (10000.0 ** (np.arange(0, head_size, 2)[: head_size // 2].astype(np.float32)
+                             / head_size))
+    angles = np.outer(np.arange(config["seq_len"], dtype=np.float32), inv).astype(np.float32)
+    return np.cos(angles), np.sin(angles)
+
+
+def write_v0(path, config, weights, shared, log=None):
+    """Write the legacy format that upstream run.c reads (version 0)."""
+    log = log or _silent
+    cfg = _check_config(config, "config")
+    _check_weights(cfg, weights, shared)
+    header = _config_ints(cfg)
+    if not shared:
+        header[CONFIG_KEYS.index("vocab_size")] *= -1
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<7i", *header))
+        for name in V0_ORDER:
+            _write(fh, weights[name], "<f4")
+            log(f"wrote {name} {np.shape(weights[name])}")
+        for table in rope_tables(cfg):
+            _write(fh, table, "<f4")
+        if not shared:
+            _write(fh, weights["wcls"], "<f4")
+            log(f"wrote wcls {np.shape(weights['wcls'])}")
+
+
+def write_v1(path, config, weights, shared, log=None):
+    """Write version 1: all weights in float32 after a 256-byte header."""
+    log = log or _silent
+    cfg = _check_config(config, "config")
+    _check_weights(cfg, weights, shared)
+    with open(path, "wb") as fh:
+        _write_header(fh, 1, cfg, shared)
+        for name in NORMS + _tensor_names(shared):
+            _write(fh, weights[name], "<f4")
+            log(f"wrote {name} {np.shape(weights[name])}")
+
+
+def write_v2(path, config, weights, shared, group_size=64, *, back_off=True, log=None):
+    """Write version 2 (Q8_0, for runq), with group_size backed off as choose_group_size says
+    (or refused, with back_off=False). Returns the group size used."""
+    log = log or _silent
+    cfg = _check_config(config, "config")
+    _check_weights(cfg, weights, shared)
+    group_size = choose_group_size(cfg, group_size, back_off)
+    max_error = 0.0
+    with open(path, "wb") as fh:
+        _write_header(fh, 2, cfg, shared, struct.pack("<i", group_size))
+        for name in NORMS:
+            _write(fh, weights[name], "<f4")
+        for name in _tensor_names(shared):
+            error = 0.0
+            for piece in _pieces(name, np.asarray(weights[name])):
+                q, scale, piece_error = quantize_q80(piece, group_size)
+                _write(fh, q, np.int8)
+                _write(fh, scale, "<f4")
+                error = max(error, piece_error)
+            log(f"quantized {name} {np.shape(weights[name])} to Q8_0 with max error {error:g}")
+            max_error = max(max_error, error)
+    log(f"max quantization group error across all weights: {max_error:g}")
+    log(f"group size: {group_size}")
+    return group_size
+
+
+# ---------------------------------------------------------------------------- making weights
+
+def random_model(config, seed=0, shared=True):
+    """Seeded random float32 weights at the scale of the test fixtures (norm weights ~1, matrices
+    with std 4/sqrt(fan_in)), made directly in float32 so that big shapes are quick and take no
+    more memory than the model."""
+    cfg = _check_config(config, "config")
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in weight_shapes(cfg).items():
+        if name == "wcls" and shared:
+            weights[name] = weights["token_embedding_table"]
+            continue
+        array = rng.standard_normal(shape, dtype=np.float32)
+        if name in NORMS:
+            array *= np.float32(0.1)
+            array += np.float32(1.0)
+        elif name not in ("token_embedding_table", "wcls"):
+            array *= np.float32(4.0 / math.sqrt(shape[-1]))
+        weights[name] = array
+    return weights
+
+
+def _gather(cfg, names, load, shared, log):
+    """Weights in run.c's layout from a source where load(name) gives one tensor by its name in
+    `names`; per-layer tensors are stacked into preallocated arrays."""
+    weights = {}
+    for key, shape in weight_shapes(cfg).items():
+        if key == "wcls" and shared:
+            weights[key] = weights["token_embedding_table"]
+            continue
+        names_shapes = ([(names[key].format(i), shape[1:]) for i in range(cfg["n_layers"])]
+                        if key in LAYERED else [(names[key], shape)])
+        out = np.empty(shape, np.float32)
+        for piece, (name, piece_shape) in zip(_pieces(key, out), names_shapes):
+            tensor = load(name)
+            if tensor.shape != piece_shape:
+                raise ExportError(f"{name} has shape {tensor.shape}, the config says {piece_shape}")
+            piece[...] = tensor
+        weights[key] = out
+        log(f"read {key} {shape}")
+    return weights
+
+
+def weights_from_state_dict(state_dict, model_args, log=None):
+    """(config, weights, shared) from a llama2.c train.py checkpoint's 'model' state_dict (as
+    NumPy arrays) and its 'model_args'. hidden_dim comes from w1's shape: model_args has only
+    multiple_of, from which model.py derives it."""
+    prefix = "_orig_mod."  # torch.compile'd models save their keys under this prefix
+    state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+    def load(name):
+        if name not in state:
+            raise ExportError(f"checkpoint: no tensor {name}")
+        return np.asarray(state[name])
+
+    try:
+        config = dict(dim=model_args["dim"],
+                      hidden_dim=load(CHECKPOINT_NAMES["w1"].format(0)).shape[0],
+                      n_layers=model_args["n_layers"], n_heads=model_args["n_heads"],
+                      n_kv_heads=model_args.get("n_kv_heads") or model_args["n_heads"],
+                      vocab_size=model_args["vocab_size"], seq_len=model_args["max_seq_len"])
+    except KeyError as e:
+        raise ExportError(f"checkpoint: model_args has no {e.args[0]}") from None
+    cfg = _check_config(config, "checkpoint")
+    # model.py ties output.weight to tok_embeddings.weight; the state_dict holds both.
+    shared = ("output.weight" not in state
+              or np.array_equal(load("output.weight"), load("tok_embeddings.weight")))
+    return cfg, _gather(cfg, CHECKPOINT_NAMES, load, shared, log or _silent), shared
+
+
+def load_checkpoint(path, log=None):
+    """(config, weights, shared) from a llama2.c train.py checkpoint (.pt); needs PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        raise ExportError("--checkpoint needs PyTorch (pip install torch)") from None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code
+        state_dict, model_args = checkpoint["model"], checkpoint["model_args"]
+    except OSError:
+        raise  # the CLI reports file errors as such
+    except Exception as e:  # torch.load fails in many ways on files that are not checkpoints
+        raise ExportError(f"{path}: not a llama2.c checkpoint ({type(e).__name__}: {e})") from None
+    state = {name: tensor.detach().to(torch.float32).numpy() for name, tensor in state_dict.items()}
+    return weights_from_state_dict(state, model_args, log)
+
+
+# ---------------------------------------------------------------------------- Hugging Face
+
+def _safetensors_index(path):
+    """{tensor name: (path, absolute offset, dtype, shape)} from a .safetensors file's header
+    (8-byte little-endian length, then JSON). Read here rather than with the safetensors package:
+    its NumPy API cannot give bf16 tensors, the usual dtype of Llama checkpoints."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        try:
+            header = json.loads(fh.read(length)) if 0 < length <= size - 8 else None
+            header.pop("__metadata__", None)
+            entries = [(name, info["dtype"], tuple(info["shape"]), info["data_offsets"][0])
+                       for name, info in header.items()]
+        except (ValueError, LookupError, TypeError, AttributeError):  # a malformed header
+            raise ExportError(f"{path}: not a safetensors file") from None
+    index = {}
+    for name, dtype, shape, begin in entries:
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ExportError(f"{path}: {name} has dtype {dtype}, not a float type")
+        index[name] = (path, 8 + length + begin, dtype, shape)
+    return index
+
+
+def _load_safetensor(index, name):
+    if name not in index:
+        raise ExportError(f"no tensor {name} in the *.safetensors files")
+    path, offset, dtype, shape = index[name]
+    raw = np.fromfile(path, SAFETENSORS_DTYPES[dtype], math.prod(shape), offset=offset)
+    if raw.size != math.prod(shape):
+        raise ExportError(f"{path}: truncated at tensor {name}")
+    if dtype == "BF16":  # bfloat16 is the top half of a float32
+        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    return raw.astype(np.float32).reshape(shape)
+
+
+def _unpermute(w, n_heads):
+    """Undo the permutation HF's convert_llama_weights_to_hf.py applies to each head's wq / wk
+    rows: it moves the interleaved (even, odd) rotary pairs that run.c's RoPE rotates into two
+    halves. w is stacked over layers: (n_layers, n_heads * head_size, dim)."""
+    layers, rows, cols = w.shape
+    halves = w.reshape(layers, n_heads, 2, rows // n_heads // 2, cols)
+    return np.ascontiguousarray(halves.transpose(0, 1, 3, 2, 4)).reshape(layers, rows, cols)
+
+
+def load_hf(folder, log=None):
+    """(config, weights, shared) from a Hugging Face Llama folder: config.json and *.safetensors
+    (float32, float16 or bfloat16)."""
+    log = log or _silent
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise ExportError(f"{folder}: no config.json, not a Hugging Face model folder")
+    try:
+        with open(config_path) as fh:
+            hf = json.load(fh)
+        n_heads = hf["num_attention_heads"]
+        config = dict(dim=hf["hidden_size"], hidden_dim=hf["intermediate_size"],
+                      n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+                      n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                      vocab_size=hf["vocab_size"], seq_len=hf["max_position_embeddings"])
+    except ValueError as e:
+        raise ExportError(f"{config_path}: not JSON ({e})") from None
+    except KeyError as e:
+        raise ExportError(f"{config_path}: no {e.args[0]}") from None
+    cfg = _check_config(config, config_path)
+    head_size = cfg["dim"] // cfg["n_heads"]
+    if (hf.get("head_dim") or head_size) != head_size or head_size % 2:
+        raise ExportError(f"{config_path}: run.c needs an even head size of dim / n_heads")
+    # run.c hard-codes RoPE base 10000 and RMSNorm epsilon 1e-5: the file runs, computing other
+    # numbers than the model would.
+    for key, run_c_value in (("rope_theta", 10000.0), ("rms_norm_eps", 1e-5)):
+        if hf.get(key, run_c_value) != run_c_value:
+            log(f"warning: {key} is {hf[key]}, run.c uses {run_c_value}")
+    if hf.get("rope_scaling"):
+        log("warning: run.c ignores rope_scaling")
+
+    files = sorted(glob.glob(os.path.join(glob.escape(str(folder)), "*.safetensors")))
+    if not files:
+        raise ExportError(f"{folder}: no *.safetensors files")
+    index = {}
+    for path in files:
+        index.update(_safetensors_index(path))
+    shared = bool(hf.get("tie_word_embeddings")) or "lm_head.weight" not in index
+    weights = _gather(cfg, HF_NAMES, lambda name: _load_safetensor(index, name), shared, log)
+    weights["wq"] = _unpermute(weights["wq"], cfg["n_heads"])
+    weights["wk"] = _unpermute(weights["wk"], cfg["n_kv_heads"])
+    return cfg, weights, shared
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def _message(error):
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Write a llama2.c model file: version 0 (legacy, run.c), 1 (float32) or "
+                    "2 (Q8_0, runq.c).")
+    parser.add_argument("filepath", help="the output file")
+    parser.add_argument("--version", type=int, choices=(0, 1, 2), default=0,
+                        help="the format to write (default 0)")
+    parser.add_argument("--group-size", type=int, metavar="N",
+                        help="Q8_0 group size for version 2; must divide dim and hidden_dim "
+                             "(default: 64, halved until it does)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bin", metavar="IN.bin", help="a llama2.c model file of any version")
+    source.add_argument("--checkpoint", metavar="CKPT.pt",
+                        help="a llama2.c train.py checkpoint (needs torch)")
+    source.add_argument("--hf", metavar="DIR",
+                        help="a Hugging Face Llama folder (config.json, *.safetensors)")
+    args = parser.parse_args(argv)
+    if args.group_size is not None and args.version != 2:
+        parser.error("--group-size applies to --version 2 only")
+
+    def progress(message):
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        source_path = args.bin or args.checkpoint or args.hf
+        if not os.path.exists(source_path):
+            raise ExportError(f"{source_path}: no such file or directory")
+        out_dir = os.path.dirname(os.path.abspath(args.filepath))
+        if not os.path.isdir(out_dir):  # say so before a long conversion, not after it
+            raise ExportError(f"{out_dir}: no such directory")
+        if args.bin:
+            config, weights, shared = read_model(args.bin, progress)
+        elif args.checkpoint:
+            config, weights, shared = load_checkpoint(args.checkpoint, progress)
+        else:
+            config, weights, shared = load_hf(args.hf, progress)
+        if args.version == 0:
+            write_v0(args.filepath, config, weights, shared, log=progress)
+        elif args.version == 1:
+            write_v1(args.filepath, config, weights, shared, log=progress)
+        elif args.group_size is None:
+            write_v2(args.filepath, config, weights, shared, log=progress)
+        else:
+            write_v2(args.filepath, config, weights, shared, args.group_size, back_off=False,
+                     log=progress)
+    except (ExportError, OSError) as e:
+        print(f"export.py: error: {_message(e)}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.filepath} (version {args.version})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
