@@ -1348,9 +1348,10 @@ class Model:
         return self.tokenizer.encode(text, bos, eos)
 
     def decode(self, tokens):
-        """The text that printing tokens one after the other gives (invalid UTF-8 replaced)."""
+        """The text that printing tokens one after the other gives (invalid UTF-8 replaced);
+        as in run.c, a piece right after BOS (1) loses its leading space."""
         pieces = []
-        for prev, token in zip([1] + list(tokens), tokens):
+        for prev, token in zip([-1] + list(tokens), tokens):
             piece = self.tokenizer.decode(prev, token)
             pieces.append(piece if printable_piece(piece) else b"")
         return b"".join(pieces).decode("utf-8", "replace")

@@ -1,0 +1,1592 @@
+# cython: language_level=3
+# Inference for Llama-2 Transformer model in pure Cython, int8 quantized forward pass: a line-by-line
+# translation of llama2.c's runq.c. Sections, names and order follow runq.c so the two read side by
+# side; where runq.c crashes or computes garbage on bad input, this file refuses with a clear message
+# or computes the right numbers instead (comments say where). The tokenizer, sampler and CLI are
+# those of run.pyx, copied on purpose: each file reads like its C twin.
+
+from cython.parallel cimport prange
+from libc.math cimport cosf, expf, fabsf, powf, roundf, sinf, sqrtf
+from libc.stdint cimport int8_t, int16_t, int32_t
+from libc.stdio cimport FILE, fclose, fflush, fopen, fread, fseek, ftell, fwrite, stdout, SEEK_END, SEEK_SET
+from libc.stdlib cimport bsearch, calloc, free, malloc, qsort
+from libc.string cimport memcpy, memset, strcmp, strlen
+from libc.time cimport time
+
+import builtins
+import math
+import mmap
+import os
+import re
+import sys
+import time as _pytime
+
+
+class LlamaError(Exception):
+    """A bad model file, tokenizer file or argument: the message is one line for the user."""
+
+
+# ----------------------------------------------------------------------------
+# Globals
+# runq.c keeps the group size in a global (int GS = 0). Here each Transformer carries its own
+# (Transformer.group_size) and hands it to quantize, dequantize and matmul as their GS argument, so
+# that models with different group sizes can live in one process.
+
+# ----------------------------------------------------------------------------
+# Transformer model
+
+cdef struct Config:
+    int dim  # transformer dimension
+    int hidden_dim  # for ffn layers
+    int n_layers  # number of layers
+    int n_heads  # number of query heads
+    int n_kv_heads  # number of key/value heads (can be < query heads because of multiquery)
+    int vocab_size  # vocabulary size, usually 256 (byte-level)
+    int seq_len  # max sequence length
+
+cdef struct QuantizedTensor:
+    int8_t* q  # quantized values
+    float* s  # scaling factors
+
+cdef struct TransformerWeights:
+    # token embedding table
+    QuantizedTensor* q_tokens  # (vocab_size, dim)
+    float* token_embedding_table  # same, but dequantized
+    # weights for rmsnorms
+    float* rms_att_weight  # (layer, dim) rmsnorm weights
+    float* rms_ffn_weight  # (layer, dim)
+    # weights for matmuls. note dim == n_heads * head_size
+    QuantizedTensor* wq  # (layer, dim, n_heads * head_size)
+    QuantizedTensor* wk  # (layer, dim, n_kv_heads * head_size)
+    QuantizedTensor* wv  # (layer, dim, n_kv_heads * head_size)
+    QuantizedTensor* wo  # (layer, n_heads * head_size, dim)
+    # weights for ffn
+    QuantizedTensor* w1  # (layer, hidden_dim, dim)
+    QuantizedTensor* w2  # (layer, dim, hidden_dim)
+    QuantizedTensor* w3  # (layer, hidden_dim, dim)
+    # final rmsnorm
+    float* rms_final_weight  # (dim,)
+    # (optional) classifier weights for the logits, on the last layer
+    QuantizedTensor* wcls
+
+cdef struct RunState:
+    # current wave of activations
+    float* x  # activation at current time stamp (dim,)
+    float* xb  # same, but inside a residual branch (dim,)
+    float* xb2  # an additional buffer just for convenience (dim,)
+    float* hb  # buffer for hidden dimension in the ffn (hidden_dim,)
+    float* hb2  # buffer for hidden dimension in the ffn (hidden_dim,)
+    QuantizedTensor xq  # quantized x (dim,)
+    QuantizedTensor hq  # quantized hb (hidden_dim,)
+    int16_t* x16  # xq.q or hq.q widened to int16 for matmul (max(dim, hidden_dim),); not in runq.c
+    float* q  # query (dim,)
+    float* k  # key (dim,)
+    float* v  # value (dim,)
+    float* att  # buffer for scores/attention values (n_heads, seq_len)
+    float* logits  # output logits
+    # kv cache
+    float* key_cache  # (layer, seq_len, dim)
+    float* value_cache  # (layer, seq_len, dim)
+
+# v2 files (export.py's version2_export) start with this magic and a 256-byte header
+DEF MAGIC = 0x616b3432  # "ak42" in ASCII
+DEF HEADER_SIZE = 256  # the header size for version 2 in bytes
+DEF V0_HEADER_SIZE = 28  # 7 ints: the legacy fp32 format, which only run reads
+DEF MAX_GROUP_SIZE = 1 << 17  # 2^17 * 127 * 128 < 2^31
+
+
+cdef class Transformer:
+    """A llama2.c v2 (Q8_0) model file, memory-mapped, with its run state (KV cache)."""
+    # runq.c's config and weights; `config` and `weights` are their Python views (properties below)
+    cdef Config c_config  # the hyperparameters of the architecture (the blueprint)
+    cdef TransformerWeights c_weights  # the weights of the model
+    cdef RunState state  # buffers for the "wave" of activations in the forward pass
+    cdef readonly int version  # file format: always 2
+    cdef readonly int group_size  # the group size used in quantization (runq.c's global GS)
+    cdef readonly bint shared_classifier  # the classifier is the token embedding table
+    cdef readonly Py_ssize_t file_size  # size of the checkpoint file in bytes
+    cdef object _mmap  # the memory map keeps the weights' pages alive
+    cdef const unsigned char[::1] _data  # the mapped bytes, for their address
+    cdef readonly str checkpoint_path
+
+    def __init__(self, checkpoint_path):
+        build_transformer(self, checkpoint_path)
+
+    def __dealloc__(self):
+        free_transformer(self)
+
+    @property
+    def config(self):
+        """The 7 ints of the header, as a dict."""
+        cdef Config* p = &self.c_config
+        return dict(dim=p.dim, hidden_dim=p.hidden_dim, n_layers=p.n_layers, n_heads=p.n_heads,
+                    n_kv_heads=p.n_kv_heads, vocab_size=p.vocab_size, seq_len=p.seq_len)
+
+    @property
+    def weights(self):
+        """Zero-copy numpy views of the mapped weights, named as in runq.c: float32 arrays for the
+        rmsnorm weights, (int8 values, float32 scales) pairs for the quantized matrices, whose
+        scales cover group_size consecutive values of one layer's matrix in row-major order.
+        token_embedding_table is the quantized table (runq.c's q_tokens)."""
+        import numpy as np
+        cdef Config* p = &self.c_config
+        cdef TransformerWeights* w = &self.c_weights
+        cdef Py_ssize_t L = p.n_layers, dim = p.dim
+        cdef const char* origin = <const char*>&self._data[0]
+        views = {
+            "rms_att_weight": np.frombuffer(self._mmap, np.float32, L * dim,
+                                            <const char*>w.rms_att_weight - origin).reshape(L, dim),
+            "rms_ffn_weight": np.frombuffer(self._mmap, np.float32, L * dim,
+                                            <const char*>w.rms_ffn_weight - origin).reshape(L, dim),
+            "rms_final_weight": np.frombuffer(self._mmap, np.float32, dim,
+                                              <const char*>w.rms_final_weight - origin),
+        }
+        cdef QuantizedTensor* qt
+        for name, count, rows, cols in quantized_tensors(self.config, self.shared_classifier):
+            qt = tensor_of(w, name)
+            # a layer's values and scales follow each other, so layer l + 1 starts one tensor later
+            step = rows * cols + 4 * (rows * cols // self.group_size)
+            q = np.ndarray((count, rows, cols), np.int8, self._mmap,
+                           <const char*>qt.q - origin, (step, cols, 1))
+            s = np.ndarray((count, rows * cols // self.group_size), np.float32, self._mmap,
+                           <const char*>qt.s - origin, (step, 4))
+            views[name] = (q[0], s[0]) if name in ("token_embedding_table", "wcls") else (q, s)
+        if self.shared_classifier:
+            views["wcls"] = views["token_embedding_table"]
+        return views
+
+    def forward(self, int token, int pos):
+        """Logits (a float32 numpy array, a copy) for `token` at position `pos`."""
+        import numpy as np
+        if not 0 <= token < self.c_config.vocab_size:
+            raise ValueError(f"token {token} is outside the vocabulary [0, {self.c_config.vocab_size})")
+        if not 0 <= pos < self.c_config.seq_len:
+            raise ValueError(f"pos {pos} is outside the context [0, {self.c_config.seq_len})")
+        cdef float* logits
+        with nogil:
+            logits = forward(self, token, pos)
+        return np.array(<float[:self.c_config.vocab_size]>logits, dtype=np.float32)
+
+
+CONFIG_FIELDS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
+
+
+cdef void malloc_run_state(RunState* s, Config* p) except *:
+    # we calloc instead of malloc to keep valgrind happy
+    cdef size_t kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
+    s.x = <float*>calloc(p.dim, sizeof(float))
+    s.xb = <float*>calloc(p.dim, sizeof(float))
+    s.xb2 = <float*>calloc(p.dim, sizeof(float))
+    s.hb = <float*>calloc(p.hidden_dim, sizeof(float))
+    s.hb2 = <float*>calloc(p.hidden_dim, sizeof(float))
+    s.xq.q = <int8_t*>calloc(p.dim, sizeof(int8_t))
+    s.xq.s = <float*>calloc(p.dim, sizeof(float))
+    s.hq.q = <int8_t*>calloc(p.hidden_dim, sizeof(int8_t))
+    s.hq.s = <float*>calloc(p.hidden_dim, sizeof(float))
+    s.x16 = <int16_t*>calloc(max(p.dim, p.hidden_dim), sizeof(int16_t))
+    s.q = <float*>calloc(p.dim, sizeof(float))
+    s.k = <float*>calloc(kv_dim, sizeof(float))
+    s.v = <float*>calloc(kv_dim, sizeof(float))
+    s.att = <float*>calloc(<size_t>p.n_heads * p.seq_len, sizeof(float))
+    s.logits = <float*>calloc(p.vocab_size, sizeof(float))
+    s.key_cache = <float*>calloc(<size_t>p.n_layers * p.seq_len * kv_dim, sizeof(float))
+    s.value_cache = <float*>calloc(<size_t>p.n_layers * p.seq_len * kv_dim, sizeof(float))
+    # ensure all mallocs went fine (runq.c forgets to check xq and hq)
+    if (not s.x or not s.xb or not s.xb2 or not s.hb or not s.hb2 or not s.xq.q or not s.xq.s
+            or not s.hq.q or not s.hq.s or not s.x16 or not s.q or not s.k or not s.v or not s.att
+            or not s.logits or not s.key_cache or not s.value_cache):
+        free_run_state(s)
+        raise MemoryError("malloc failed for the run state (KV cache)")
+
+cdef void free_run_state(RunState* s) noexcept:
+    free(s.x)
+    free(s.xb)
+    free(s.xb2)
+    free(s.hb)
+    free(s.hb2)
+    free(s.xq.q)
+    free(s.xq.s)
+    free(s.hq.q)
+    free(s.hq.s)
+    free(s.x16)
+    free(s.q)
+    free(s.k)
+    free(s.v)
+    free(s.att)
+    free(s.logits)
+    free(s.key_cache)
+    free(s.value_cache)
+    memset(s, 0, sizeof(RunState))
+
+# ----------------------------------------------------------------------------
+# Quantization functions
+
+cdef void dequantize(const QuantizedTensor* qx, float* x, Py_ssize_t n, int GS) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        x[i] = qx.q[i] * qx.s[i // GS]
+
+cdef void quantize(QuantizedTensor* qx, const float* x, int n, int GS) noexcept nogil:
+    # runq.c quantizes n // GS whole groups and leaves the last n % GS values alone (its matmul
+    # then skips them). Here a shorter last group covers them, so a row length that is not a
+    # multiple of GS (stories42M's hidden_dim 1376 with GS 64) is quantized whole.
+    cdef int num_groups = (n + GS - 1) // GS
+    cdef float Q_MAX = 127.0
+    cdef int group, i, group_len
+    cdef float wmax, val, scale, quant_value
+    cdef int8_t quantized
+
+    for group in range(num_groups):
+        group_len = min(GS, n - group * GS)
+
+        # find the max absolute value in the current group
+        wmax = 0.0
+        for i in range(group_len):
+            val = fabsf(x[group * GS + i])
+            if val > wmax:
+                wmax = val
+
+        # calculate and write the scaling factor
+        scale = wmax / Q_MAX
+        qx.s[group] = scale
+
+        # calculate and write the quantized values
+        for i in range(group_len):
+            quant_value = x[group * GS + i] / scale  # scale
+            # runq.c divides 0 by 0 for an all-zero group and casts the NaN to int8_t (undefined
+            # behaviour; 0 on x86): such a group quantizes to 0 here, on every machine
+            quantized = <int8_t>roundf(quant_value) if scale != 0 else 0  # round and clamp
+            qx.q[group * GS + i] = quantized
+
+cdef QuantizedTensor* init_quantized_tensors(char** ptr, int n, Py_ssize_t size_each, int GS) except NULL:
+    # initialize `n` x quantized tensor (with `size_each` elements), starting from memory pointed at *ptr
+    cdef char* p = ptr[0]
+    cdef QuantizedTensor* res = <QuantizedTensor*>malloc(n * sizeof(QuantizedTensor))
+    if not res:
+        raise MemoryError()
+    cdef int i
+    for i in range(n):
+        # map quantized int8 values
+        res[i].q = <int8_t*>p
+        p += size_each
+        # map scale factors
+        res[i].s = <float*>p
+        p += (size_each // GS) * sizeof(float)
+    ptr[0] = p  # advance ptr to current position
+    return res
+
+cdef void memory_map_weights(TransformerWeights* w, Config* p, char* ptr, bint shared_classifier,
+                             int GS) except *:
+    cdef Py_ssize_t head_size = p.dim // p.n_heads
+    # make sure the multiplications below are done in 64bit to fit the parameter counts of 13B+ models
+    cdef Py_ssize_t n_layers = p.n_layers, dim = p.dim, hidden_dim = p.hidden_dim
+    cdef Py_ssize_t vocab_size = p.vocab_size
+    # first are the parameters that are kept in fp32 (the rmsnorm (1D) weights)
+    cdef float* fptr = <float*>ptr  # cast our pointer to float*
+    w.rms_att_weight = fptr
+    fptr += n_layers * dim
+    w.rms_ffn_weight = fptr
+    fptr += n_layers * dim
+    w.rms_final_weight = fptr
+    fptr += dim
+
+    # now read all the quantized weights
+    ptr = <char*>fptr  # now cast the pointer back to char*
+    w.q_tokens = init_quantized_tensors(&ptr, 1, vocab_size * dim, GS)
+    # dequantize token embedding table
+    w.token_embedding_table = <float*>malloc(vocab_size * dim * sizeof(float))
+    if not w.token_embedding_table:
+        raise MemoryError("malloc failed for the dequantized token embedding table")
+    dequantize(w.q_tokens, w.token_embedding_table, vocab_size * dim, GS)
+
+    w.wq = init_quantized_tensors(&ptr, p.n_layers, dim * (p.n_heads * head_size), GS)
+    w.wk = init_quantized_tensors(&ptr, p.n_layers, dim * (p.n_kv_heads * head_size), GS)
+    w.wv = init_quantized_tensors(&ptr, p.n_layers, dim * (p.n_kv_heads * head_size), GS)
+    w.wo = init_quantized_tensors(&ptr, p.n_layers, (p.n_heads * head_size) * dim, GS)
+
+    w.w1 = init_quantized_tensors(&ptr, p.n_layers, dim * hidden_dim, GS)
+    w.w2 = init_quantized_tensors(&ptr, p.n_layers, hidden_dim * dim, GS)
+    w.w3 = init_quantized_tensors(&ptr, p.n_layers, dim * hidden_dim, GS)
+
+    w.wcls = w.q_tokens if shared_classifier else init_quantized_tensors(&ptr, 1, dim * vocab_size, GS)
+
+cdef QuantizedTensor* tensor_of(TransformerWeights* w, name) except NULL:
+    # the mapped tensors by their name in quantized_tensors()
+    cdef QuantizedTensor* tensors[9]
+    tensors[:] = [w.q_tokens, w.wq, w.wk, w.wv, w.wo, w.w1, w.w2, w.w3, w.wcls]
+    return tensors[["token_embedding_table", "wq", "wk", "wv", "wo", "w1", "w2", "w3",
+                    "wcls"].index(name)]
+
+
+def quantized_tensors(config, bint shared_classifier):
+    """(name, count, rows, cols) of the quantized tensors, in the order of a v2 file."""
+    c = config
+    L, dim, hidden = c["n_layers"], c["dim"], c["hidden_dim"]
+    kv_dim = c["n_kv_heads"] * (dim // c["n_heads"])
+    tensors = [("token_embedding_table", 1, c["vocab_size"], dim),
+               ("wq", L, dim, dim), ("wk", L, kv_dim, dim), ("wv", L, kv_dim, dim), ("wo", L, dim, dim),
+               ("w1", L, hidden, dim), ("w2", L, dim, hidden), ("w3", L, hidden, dim)]
+    if not shared_classifier:
+        tensors.append(("wcls", 1, c["vocab_size"], dim))
+    return tensors
+
+
+def weights_nbytes(config, int group_size, bint shared_classifier):
+    """Bytes of weights that a v2 file of this config holds after its header (Python ints: no
+    overflow): the fp32 rmsnorm weights, then per tensor its int8 values and one fp32 scale a group."""
+    c = config
+    n = 4 * (2 * c["n_layers"] * c["dim"] + c["dim"])  # rms_att, rms_ffn, rms_final
+    for name, count, rows, cols in quantized_tensors(config, shared_classifier):
+        n += count * (rows * cols + 4 * (rows * cols // group_size))
+    return n
+
+
+def check_config(config, path):
+    """Refuses a header whose numbers cannot describe a model; names the field."""
+    for name in CONFIG_FIELDS:
+        if config[name] <= 0:
+            raise LlamaError(f"{path}: bad header: {name} = {config[name]} (must be > 0)")
+    if config["dim"] % config["n_heads"]:
+        raise LlamaError(f"{path}: bad header: n_heads = {config['n_heads']} does not divide "
+                         f"dim = {config['dim']}")
+    if config["n_heads"] % config["n_kv_heads"]:
+        raise LlamaError(f"{path}: bad header: n_kv_heads = {config['n_kv_heads']} does not divide "
+                         f"n_heads = {config['n_heads']}")
+    if (config["dim"] // config["n_heads"]) % 2:
+        raise LlamaError(f"{path}: bad header: head size {config['dim'] // config['n_heads']} is odd "
+                         f"(RoPE rotates pairs)")
+    head_size = config["dim"] // config["n_heads"]
+    kv_cache = 2 * 4 * config["n_layers"] * config["seq_len"] * config["n_kv_heads"] * head_size
+    if kv_cache > physical_memory():
+        raise LlamaError(f"{path}: bad header: seq_len = {config['seq_len']} needs a "
+                         f"{kv_cache / 2**30:.1f} GiB KV cache, more than this machine's memory")
+
+
+def check_group_size(config, group_size, bint shared_classifier, path):
+    """Refuses a group size that does not cut every quantized tensor into whole groups. (Rows
+    need not be whole groups: matmul handles groups that straddle rows, unlike runq.c's.)"""
+    if group_size <= 0:
+        raise LlamaError(f"{path}: bad header: group_size = {group_size} (must be > 0)")
+    # a group's int8 x int8 products (at most 127 * 128 each) are summed in an int32
+    if group_size > MAX_GROUP_SIZE:
+        raise LlamaError(f"{path}: bad header: group_size = {group_size} is too large (over "
+                         f"{MAX_GROUP_SIZE} int8 products could overflow a group's int32 sum)")
+    for name, count, rows, cols in quantized_tensors(config, shared_classifier):
+        # runq.c would floor the number of scales and read every later tensor from the wrong place
+        if rows * cols % group_size:
+            raise LlamaError(f"{path}: bad header: group_size = {group_size} does not divide the "
+                             f"{rows}x{cols} = {rows * cols} values of {name}")
+        # the scales follow the int8 values: keep them where a float may be read
+        if rows * cols % 4:
+            raise LlamaError(f"{path}: unsupported shape: the {rows}x{cols} int8 values of {name} "
+                             f"leave its float32 scales misaligned")
+
+
+def physical_memory():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def fp32_version(head, file_size):
+    """0 or 1 when head and file_size are those of an fp32 file that run reads, else None."""
+    magic = int.from_bytes(head[:4], sys.byteorder)
+    if magic == MAGIC:
+        version = int.from_bytes(head[4:8], sys.byteorder, signed=True)
+        return 1 if version == 1 else None
+    # a legacy (v0) file has no magic: its 7 ints and its size must agree
+    if len(head) < V0_HEADER_SIZE:
+        return None
+    c = dict(zip(CONFIG_FIELDS, [int.from_bytes(head[4 * i:4 * i + 4], sys.byteorder, signed=True)
+                                 for i in range(7)]))
+    shared = c["vocab_size"] > 0
+    c["vocab_size"] = abs(c["vocab_size"])
+    if min(c.values()) <= 0 or c["dim"] % c["n_heads"] or c["n_heads"] % c["n_kv_heads"]:
+        return None
+    head_size = c["dim"] // c["n_heads"]
+    kv_dim = c["n_kv_heads"] * head_size
+    n = ((2 - shared) * c["vocab_size"] * c["dim"] + c["dim"] + 2 * c["seq_len"] * (head_size // 2)
+         + c["n_layers"] * (2 * c["dim"] + 2 * c["dim"] * (c["dim"] + kv_dim)
+                            + 3 * c["dim"] * c["hidden_dim"]))
+    return 0 if file_size == V0_HEADER_SIZE + 4 * n else None
+
+
+cdef read_checkpoint(Transformer t, checkpoint):
+    # runq.c freads the header and mmaps the file, trusting every number in it; here every size is
+    # checked against the file before a pointer is made.
+    path = os.fsdecode(checkpoint)
+    try:
+        f = open(checkpoint, "rb")
+    except OSError as e:
+        raise LlamaError(f"Couldn't open file {path}: {e.strerror}") from None
+    with f:
+        file_size = os.fstat(f.fileno()).st_size
+        head = f.read(HEADER_SIZE)
+        if file_size < 8:
+            raise LlamaError(f"{path}: file is {file_size} bytes, too small for a model header")
+        # runq.c says "Bad magic number" to a v0 file and "Bad version 1" to a v1 file: name the
+        # program that reads them instead
+        old = fp32_version(head, file_size)
+        if old is not None:
+            raise LlamaError(f"{path}: is a version {old} (fp32) file: run it with run, or convert it "
+                             f"for runq with export.py --version 2")
+        # read in magic number (uint32), has to be 0x616b3432, i.e. "ak42" in ASCII
+        magic = int.from_bytes(head[:4], sys.byteorder)
+        if magic != MAGIC:
+            raise LlamaError(f"{path}: bad magic number 0x{magic:08x} (a v2 file starts with "
+                             f"0x{MAGIC:08x}, \"ak42\")")
+        # read in the version number, has to be 2
+        version = int.from_bytes(head[4:8], sys.byteorder, signed=True)
+        if version != 2:
+            raise LlamaError(f"{path}: bad version {version}, need version 2")
+        if len(head) < HEADER_SIZE:
+            raise LlamaError(f"{path}: file is {file_size} bytes, too small for a v2 header")
+        # read in the Config
+        ints = [int.from_bytes(head[8 + 4 * i:12 + 4 * i], sys.byteorder, signed=True) for i in range(7)]
+        # read in flags
+        shared_classifier = head[36] != 0  # a byte to indicate if the classifier is shared
+        group_size = int.from_bytes(head[37:41], sys.byteorder, signed=True)  # the group size used in quantization
+        config = dict(zip(CONFIG_FIELDS, ints))
+        check_config(config, path)
+        check_group_size(config, group_size, shared_classifier, path)
+        expected = HEADER_SIZE + weights_nbytes(config, group_size, shared_classifier)
+        if file_size != expected:
+            raise LlamaError(f"{path}: file is {file_size} bytes but its v2 header "
+                             f"({', '.join(f'{k}={v}' for k, v in config.items())}, "
+                             f"group_size={group_size}) needs {expected}")
+        # memory map the Transformer weights into the data pointer
+        t._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    t._data = t._mmap
+    t.c_config = Config(dim=ints[0], hidden_dim=ints[1], n_layers=ints[2], n_heads=ints[3],
+                        n_kv_heads=ints[4], vocab_size=ints[5], seq_len=ints[6])
+    t.version = version
+    t.group_size = group_size
+    t.shared_classifier = shared_classifier
+    t.file_size = file_size
+    cdef char* weights_ptr = <char*>&t._data[HEADER_SIZE]  # skip header bytes. char is 1 byte
+    memory_map_weights(&t.c_weights, &t.c_config, weights_ptr, shared_classifier, group_size)
+
+cdef build_transformer(Transformer t, checkpoint_path):
+    # read in the Config and the Weights from the checkpoint
+    read_checkpoint(t, checkpoint_path)
+    t.checkpoint_path = os.fsdecode(checkpoint_path)
+    # allocate the RunState buffers
+    malloc_run_state(&t.state, &t.c_config)
+
+cdef void free_transformer(Transformer t) noexcept:
+    cdef TransformerWeights* w = &t.c_weights
+    # free QuantizedTensors
+    free(w.q_tokens)
+    free(w.token_embedding_table)
+    free(w.wq)
+    free(w.wk)
+    free(w.wv)
+    free(w.wo)
+    free(w.w1)
+    free(w.w2)
+    free(w.w3)
+    if w.wcls != w.q_tokens:
+        free(w.wcls)
+    memset(w, 0, sizeof(TransformerWeights))
+    # the memory map closes when the last view of it goes
+    # free the RunState buffers
+    free_run_state(&t.state)
+
+# ----------------------------------------------------------------------------
+# neural net blocks; the dynamics of the Transformer
+
+cdef void rmsnorm(float* o, const float* x, const float* weight, int size) noexcept nogil:
+    # calculate sum of squares
+    cdef float ss = 0.0
+    cdef int j
+    for j in range(size):
+        ss += x[j] * x[j]
+    ss /= size
+    ss += <float>1e-5
+    ss = <float>1.0 / sqrtf(ss)
+    # normalize and scale
+    for j in range(size):
+        o[j] = weight[j] * (ss * x[j])
+
+cdef void softmax(float* x, int size) noexcept nogil:
+    # find max value (for numerical stability)
+    cdef float max_val = x[0]
+    cdef int i
+    for i in range(1, size):
+        if x[i] > max_val:
+            max_val = x[i]
+    # exp and sum
+    cdef float sum = 0.0
+    for i in range(size):
+        x[i] = expf(x[i] - max_val)
+        sum += x[i]
+    # normalize
+    for i in range(size):
+        x[i] /= sum
+
+cdef void matmul(float* xout, const QuantizedTensor* x, const QuantizedTensor* w, int n, int d,
+                 int GS, int16_t* x16) noexcept nogil:
+    # W (d,n) @ x (n,) -> xout (d,)
+    # by far the most amount of time is spent inside this little function
+    # inputs to this function are both quantized
+    cdef Py_ssize_t i, in_
+    if n % GS:
+        # rows that are not made of whole groups: see matmul_row_ragged
+        for i in prange(d, schedule="static"):
+            xout[i] = matmul_row_ragged(x, w, i * n, n, GS)
+        return
+    # x's values widened to int16 once here, not once per row: each row's dot product then
+    # widens only its weights (vpmaddwd / vpdpwssd on x86). The integer sums are runq.c's.
+    for i in range(n):
+        x16[i] = x.q[i]
+    for i in prange(d, schedule="static"):
+        in_ = i * n
+        # do the matmul in groups of GS; a group size that the C compiler sees as a constant lets
+        # it unroll and vectorize the dot product of a group
+        if GS == 32:
+            xout[i] = matmul_row(x16, x.s, w.q + in_, w.s + in_ // 32, n, 32)
+        elif GS == 64:
+            xout[i] = matmul_row(x16, x.s, w.q + in_, w.s + in_ // 64, n, 64)
+        else:
+            xout[i] = matmul_row(x16, x.s, w.q + in_, w.s + in_ // GS, n, GS)
+
+cdef inline float matmul_row(const int16_t* x16, const float* xs, const int8_t* wq, const float* ws,
+                             int n, int GS) noexcept nogil:
+    # one row of runq.c's matmul; wq and ws point at the row's values and scales, n % GS == 0,
+    # x16 holds x->q widened to int16
+    cdef float val = 0.0
+    cdef int32_t ival
+    cdef int group, j, k
+    for group in range(n // GS):  # for (j = 0; j <= n - GS; j += GS)
+        j = group * GS
+        ival = 0
+        for k in range(GS):
+            ival += <int32_t>x16[j + k] * <int32_t>wq[j + k]
+        val += (<float>ival) * ws[group] * xs[group]  # ws[group] is w->s[(in + j) / GS]
+    return val
+
+cdef float matmul_row_ragged(const QuantizedTensor* x, const QuantizedTensor* w, Py_ssize_t in_,
+                             int n, int GS) noexcept nogil:
+    # runq.c's matmul assumes n % GS == 0: otherwise row i starts in the middle of a weight group,
+    # (in + j) / GS picks the wrong scales and the last n % GS columns are skipped (stories42M's
+    # w2, hidden_dim 1376 with GS 64). Here the row is cut where either the x group or the w group
+    # ends, so each piece has one scale of each, and every column counts.
+    cdef float val = 0.0
+    cdef int32_t ival
+    cdef Py_ssize_t j = 0, end, w_end, k
+    while j < n:
+        end = (j // GS + 1) * GS  # where x's group ends
+        w_end = ((in_ + j) // GS + 1) * GS - in_  # where w's group ends
+        if w_end < end:
+            end = w_end
+        if n < end:
+            end = n
+        ival = 0
+        for k in range(j, end):
+            ival += <int32_t>x.q[k] * <int32_t>w.q[in_ + k]
+        val += (<float>ival) * w.s[(in_ + j) // GS] * x.s[j // GS]
+        j = end
+    return val
+
+cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
+    # a few convenience variables
+    cdef Config* p = &transformer.c_config
+    cdef TransformerWeights* w = &transformer.c_weights
+    cdef RunState* s = &transformer.state
+    cdef float* x = s.x
+    cdef int dim = p.dim
+    cdef int kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
+    cdef int kv_mul = p.n_heads // p.n_kv_heads  # integer multiplier of the kv sharing in multiquery
+    cdef int hidden_dim = p.hidden_dim
+    cdef int head_size = dim // p.n_heads
+    cdef int GS = transformer.group_size
+    cdef Py_ssize_t l, loff
+    cdef int i, h, t, v, rotn, head_dim
+    cdef float freq, val, fcr, fci, v0, v1, score, a
+    cdef float* vec
+    cdef float* q
+    cdef float* k
+    cdef float* att
+    cdef float* xb
+    cdef float* v_ptr
+    cdef float* key_cache_row
+    cdef float* value_cache_row
+
+    # copy the token embedding into x
+    memcpy(x, w.token_embedding_table + <Py_ssize_t>token * dim, dim * sizeof(float))
+
+    # forward all the layers
+    for l in range(p.n_layers):
+
+        # attention rmsnorm
+        rmsnorm(s.xb, x, w.rms_att_weight + l * dim, dim)
+
+        # qkv matmuls for this position
+        quantize(&s.xq, s.xb, dim, GS)
+        matmul(s.q, &s.xq, w.wq + l, dim, dim, GS, s.x16)
+        matmul(s.k, &s.xq, w.wk + l, dim, kv_dim, GS, s.x16)
+        matmul(s.v, &s.xq, w.wv + l, dim, kv_dim, GS, s.x16)
+
+        # RoPE relative positional encoding: complex-valued rotate q and k in each head
+        for i in range(0, dim, 2):
+            head_dim = i % head_size
+            freq = <float>1.0 / powf(<float>10000.0, head_dim / <float>head_size)
+            val = pos * freq
+            fcr = cosf(val)
+            fci = sinf(val)
+            rotn = 2 if i < kv_dim else 1  # how many vectors? 2 = q & k, 1 = q only
+            for v in range(rotn):
+                vec = s.q if v == 0 else s.k  # the vector to rotate (query or key)
+                v0 = vec[i]
+                v1 = vec[i + 1]
+                vec[i] = v0 * fcr - v1 * fci
+                vec[i + 1] = v0 * fci + v1 * fcr
+
+        # save key,value at this time step (pos) to our kv cache
+        loff = l * p.seq_len * kv_dim  # kv cache layer offset for convenience
+        key_cache_row = s.key_cache + loff + pos * kv_dim
+        value_cache_row = s.value_cache + loff + pos * kv_dim
+        memcpy(key_cache_row, s.k, kv_dim * sizeof(float))
+        memcpy(value_cache_row, s.v, kv_dim * sizeof(float))
+
+        # multihead attention. iterate over all heads
+        for h in prange(p.n_heads, schedule="static"):
+            # get the query vector for this head
+            q = s.q + h * head_size
+            # attention scores for this head
+            att = s.att + h * p.seq_len
+            # iterate over all timesteps, including the current one
+            for t in range(pos + 1):
+                # get the key vector for this head and at this timestep
+                k = s.key_cache + loff + t * kv_dim + (h // kv_mul) * head_size
+                # calculate the attention score as the dot product of q and k
+                score = 0.0
+                for i in range(head_size):
+                    score = score + q[i] * k[i]
+                score = score / sqrtf(head_size)
+                # save the score to the attention buffer
+                att[t] = score
+
+            # softmax the scores to get attention weights, from 0..pos inclusively
+            softmax(att, pos + 1)
+
+            # weighted sum of the values, store back into xb
+            xb = s.xb + h * head_size
+            memset(xb, 0, head_size * sizeof(float))
+            for t in range(pos + 1):
+                # get the value vector for this head and at this timestep
+                v_ptr = s.value_cache + loff + t * kv_dim + (h // kv_mul) * head_size
+                # get the attention weight for this timestep
+                a = att[t]
+                # accumulate the weighted value into xb
+                for i in range(head_size):
+                    xb[i] = xb[i] + a * v_ptr[i]
+
+        # final matmul to get the output of the attention
+        quantize(&s.xq, s.xb, dim, GS)
+        matmul(s.xb2, &s.xq, w.wo + l, dim, dim, GS, s.x16)
+
+        # residual connection back into x
+        for i in range(dim):
+            x[i] += s.xb2[i]
+
+        # ffn rmsnorm
+        rmsnorm(s.xb, x, w.rms_ffn_weight + l * dim, dim)
+
+        # Now for FFN in PyTorch we have: self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # first calculate self.w1(x) and self.w3(x)
+        quantize(&s.xq, s.xb, dim, GS)
+        matmul(s.hb, &s.xq, w.w1 + l, dim, hidden_dim, GS, s.x16)
+        matmul(s.hb2, &s.xq, w.w3 + l, dim, hidden_dim, GS, s.x16)
+
+        # SwiGLU non-linearity
+        for i in range(hidden_dim):
+            val = s.hb[i]
+            # silu(x)=x*σ(x), where σ(x) is the logistic sigmoid
+            val *= (<float>1.0 / (<float>1.0 + expf(-val)))
+            # elementwise multiply with w3(x)
+            val *= s.hb2[i]
+            s.hb[i] = val
+
+        # final matmul to get the output of the ffn
+        quantize(&s.hq, s.hb, hidden_dim, GS)
+        matmul(s.xb, &s.hq, w.w2 + l, hidden_dim, dim, GS, s.x16)
+
+        # residual connection
+        for i in range(dim):
+            x[i] += s.xb[i]
+
+    # final rmsnorm
+    rmsnorm(x, x, w.rms_final_weight, dim)
+
+    # classifier into logits
+    quantize(&s.xq, x, dim, GS)
+    matmul(s.logits, &s.xq, w.wcls, dim, p.vocab_size, GS, s.x16)
+    return s.logits
+
+# ----------------------------------------------------------------------------
+# The Byte Pair Encoding (BPE) Tokenizer that translates strings <-> tokens
+
+cdef struct TokenIndex:
+    const char* str
+    int id
+
+cdef class Tokenizer:
+    """A llama2.c tokenizer file: vocab_size pieces with their merge scores."""
+    cdef char** vocab
+    cdef float* vocab_scores
+    cdef TokenIndex* sorted_vocab
+    cdef readonly int vocab_size
+    cdef readonly unsigned int max_token_length
+    cdef unsigned char byte_pieces[512]  # stores all single-byte strings
+
+    def __init__(self, tokenizer_path, int vocab_size):
+        build_tokenizer(self, tokenizer_path, vocab_size)
+
+    def __dealloc__(self):
+        free_tokenizer(self)
+
+    def encode(self, text, bint bos=True, bint eos=False):
+        """Token ids of `text` (str or bytes), with BOS (1) and EOS (2) as asked."""
+        if isinstance(text, str):
+            text = text.encode("utf-8", "surrogateescape")
+        return encode(self, text, bos, eos)
+
+    def decode(self, int prev_token, int token):
+        """The bytes that token prints after prev_token (the raw piece, before safe_printf)."""
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"token {token} is outside the vocabulary [0, {self.vocab_size})")
+        return <bytes>decode(self, prev_token, token)
+
+    def piece(self, int token):
+        """The raw vocabulary entry of token."""
+        if not 0 <= token < self.vocab_size:
+            raise ValueError(f"token {token} is outside the vocabulary [0, {self.vocab_size})")
+        return <bytes>self.vocab[token]
+
+cdef int compare_tokens(const void* a, const void* b) noexcept nogil:
+    return strcmp((<TokenIndex*>a).str, (<TokenIndex*>b).str)
+
+cdef build_tokenizer(Tokenizer t, tokenizer_path, int vocab_size):
+    # i should have written the vocab_size into the tokenizer file... sigh
+    cdef int i, length
+    cdef long file_size
+    cdef FILE* file
+    path = os.fsdecode(tokenizer_path)
+    if vocab_size <= 0:
+        raise LlamaError(f"{path}: vocab_size must be > 0, got {vocab_size}")
+    t.vocab_size = vocab_size
+    # malloc space to hold the scores and the strings
+    t.vocab = <char**>calloc(vocab_size, sizeof(char*))
+    t.vocab_scores = <float*>malloc(vocab_size * sizeof(float))
+    if not t.vocab or not t.vocab_scores:
+        raise MemoryError()
+    for i in range(256):
+        t.byte_pieces[i * 2] = <unsigned char>i
+        t.byte_pieces[i * 2 + 1] = 0
+    # read in the file
+    file = fopen(os.fsencode(tokenizer_path), "rb")
+    if not file or os.path.isdir(tokenizer_path):
+        if file:
+            fclose(file)
+        raise LlamaError(f"couldn't load {path}")
+    try:
+        fseek(file, 0, SEEK_END)
+        file_size = ftell(file)
+        fseek(file, 0, SEEK_SET)
+        if fread(&t.max_token_length, sizeof(int), 1, file) != 1:
+            raise LlamaError(f"{path}: failed read: file is {file_size} bytes, too small for a tokenizer")
+        for i in range(vocab_size):
+            if fread(t.vocab_scores + i, sizeof(float), 1, file) != 1 or fread(&length, sizeof(int), 1, file) != 1:
+                raise LlamaError(f"{path}: failed read: the file ends after {i} pieces, "
+                                 f"the model's vocab_size is {vocab_size}")
+            # runq.c mallocs whatever length the file says: check it against the bytes left first
+            if length < 0 or length > file_size - ftell(file):
+                raise LlamaError(f"{path}: corrupt piece {i}: length {length} does not fit the file")
+            t.vocab[i] = <char*>malloc(length + 1)
+            if not t.vocab[i]:
+                raise MemoryError()
+            if length and fread(t.vocab[i], length, 1, file) != 1:
+                raise LlamaError(f"{path}: failed read in piece {i}")
+            t.vocab[i][length] = 0  # add the string terminating token
+            # encode() sizes its merge buffer from max_token_length: a header that understates it
+            # would overflow that buffer in runq.c, so the real longest piece counts
+            if <unsigned int>length > t.max_token_length:
+                t.max_token_length = length
+    finally:
+        fclose(file)
+
+cdef void free_tokenizer(Tokenizer t) noexcept:
+    cdef int i
+    if t.vocab:
+        for i in range(t.vocab_size):
+            free(t.vocab[i])
+    free(t.vocab)
+    free(t.vocab_scores)
+    free(t.sorted_vocab)
+    t.vocab = NULL
+    t.vocab_scores = NULL
+    t.sorted_vocab = NULL
+
+cdef int parse_byte_piece(const char* piece, unsigned char* byte_val) noexcept nogil:
+    # what sscanf(piece, "<0x%02hhX>", &byte_val) == 1 accepts in runq.c: "<0x", then a hex number
+    # of at most two characters (after optional white space; a sign counts in the width)
+    if piece[0] != c'<' or piece[1] != c'0' or piece[2] != c'x':
+        return 0
+    cdef const char* c = piece + 3
+    while c[0] == c' ' or (c'\t' <= c[0] <= c'\r'):
+        c += 1
+    cdef int width = 2, negative = 0, digits = 0, value = 0, d
+    if c[0] == c'+' or c[0] == c'-':
+        negative = c[0] == c'-'
+        c += 1
+        width -= 1
+    while width > 0:
+        if c'0' <= c[0] <= c'9':
+            d = c[0] - c'0'
+        elif c'a' <= c[0] <= c'f':
+            d = c[0] - c'a' + 10
+        elif c'A' <= c[0] <= c'F':
+            d = c[0] - c'A' + 10
+        else:
+            break
+        value = value * 16 + d
+        digits += 1
+        width -= 1
+        c += 1
+    if digits == 0:
+        return 0
+    byte_val[0] = <unsigned char>(-value if negative else value)
+    return 1
+
+cdef const char* decode(Tokenizer t, int prev_token, int token) noexcept:
+    cdef const char* piece = t.vocab[token]
+    # following BOS (1) token, sentencepiece decoder strips any leading whitespace (see PR #89)
+    if prev_token == 1 and piece[0] == c' ':
+        piece += 1
+    # careful, some tokens designate raw bytes, and look like e.g. '<0x01>'
+    # parse this and convert and return the actual byte
+    cdef unsigned char byte_val
+    if parse_byte_piece(piece, &byte_val) == 1:
+        piece = <const char*>t.byte_pieces + byte_val * 2
+    return piece
+
+cdef inline bint isprint_c(unsigned char c) noexcept nogil:
+    return 0x20 <= c <= 0x7e  # isprint() in the "C" locale runq.c runs in
+
+cdef inline bint isspace_c(unsigned char c) noexcept nogil:
+    return c == c' ' or (c'\t' <= c <= c'\r')
+
+cdef bint printable_piece(const char* piece) noexcept nogil:
+    # piece might be a raw byte token, and we only want to print printable chars or whitespace
+    # because some of the other bytes can be various control codes, backspace, etc.
+    if piece == NULL:
+        return False
+    if piece[0] == 0:
+        return False
+    cdef unsigned char byte_val
+    if piece[1] == 0:
+        byte_val = piece[0]
+        if not (isprint_c(byte_val) or isspace_c(byte_val)):
+            return False  # bad byte, don't print it
+    return True
+
+cdef void safe_printf(const char* piece) except *:
+    if printable_piece(piece):
+        write_stdout(piece, strlen(piece))
+
+cdef void write_stdout(const char* data, size_t n) except *:
+    # printf + fflush of runq.c; a closed pipe (`| head`) surfaces as BrokenPipeError, not as
+    # output silently lost
+    if n and fwrite(data, 1, n, stdout) != n:
+        raise BrokenPipeError()
+
+cdef void flush_stdout() except *:
+    if fflush(stdout) != 0:
+        raise BrokenPipeError()
+
+cdef int str_lookup(const char* str, TokenIndex* sorted_vocab, int vocab_size) noexcept:
+    # efficiently find the perfect match for str in vocab, return its index or -1 if not found
+    cdef TokenIndex tok
+    tok.str = str  # acts as the key to search for
+    cdef TokenIndex* res = <TokenIndex*>bsearch(&tok, sorted_vocab, vocab_size, sizeof(TokenIndex),
+                                                compare_tokens)
+    return res.id if res != NULL else -1
+
+cdef list encode(Tokenizer t, bytes text, bint bos, bint eos):
+    # encode the string text (input) into an upper-bound preallocated tokens[] array
+    # bos != 0 means prepend the BOS token (=1), eos != 0 means append the EOS token (=2)
+    cdef const char* c_text = text
+    cdef int i, id, best_id, best_idx
+    cdef float best_score
+    cdef size_t str_len = 0
+    cdef const char* c
+    cdef int n_tokens = 0
+    cdef size_t text_len = strlen(c_text)
+    if t.sorted_vocab == NULL:
+        # lazily malloc and sort the vocabulary
+        t.sorted_vocab = <TokenIndex*>malloc(t.vocab_size * sizeof(TokenIndex))
+        if not t.sorted_vocab:
+            raise MemoryError()
+        for i in range(t.vocab_size):
+            t.sorted_vocab[i].str = t.vocab[i]
+            t.sorted_vocab[i].id = i
+        qsort(t.sorted_vocab, t.vocab_size, sizeof(TokenIndex), compare_tokens)
+
+    # create a temporary buffer that will store merge candidates of always two consecutive tokens
+    # *2 for concat, +1 for null terminator +2 for UTF8 (in case max_token_length is 1)
+    # (at least 4 bytes + null: one UTF-8 code point is gathered there even with tiny pieces)
+    cdef size_t buffer_size = max(t.max_token_length, 2) * 2 + 1 + 2
+    cdef char* str_buffer = <char*>malloc(buffer_size)
+    # +4 for ?BOS, the dummy prefix (up to 1 byte token), ?EOS
+    cdef int* tokens = <int*>malloc((text_len + 4) * sizeof(int))
+    if not str_buffer or not tokens:
+        free(str_buffer)
+        free(tokens)
+        raise MemoryError()
+    try:
+        # add optional BOS (=1) token, if desired
+        if bos:
+            tokens[n_tokens] = 1
+            n_tokens += 1
+
+        # add_dummy_prefix is true by default
+        # so prepend a dummy prefix token to the input string, but only if text != ""
+        # runq.c adds str_lookup(" ") blindly, -1 (and a crash) when the vocabulary has no " "
+        # piece; here " " goes through the same code-point path as the text, so a vocabulary
+        # without it falls back to the byte token of ' '
+        if c_text[0] != 0:
+            n_tokens = append_code_point(t, b" ", 1, tokens, n_tokens)
+
+        # process the raw (UTF-8) byte sequence of the input string
+        c = c_text
+        while c[0] != 0:
+            # reset buffer if the current byte is ASCII or a leading byte
+            # 0xC0 is 11000000, so (*c & 0xC0) keeps the first 2 bits and zeros the rest
+            # 0x80 is 10000000
+            # in UTF-8, all continuation bytes start with "10" in first two bits
+            # so in English this is: "if this byte is not a continuation byte"
+            if (c[0] & 0xC0) != 0x80:
+                # this byte must be either a leading byte (11...) or an ASCII char (0x...)
+                # => reset our location, as we're starting a new UTF-8 codepoint
+                str_len = 0
+
+            # append the current byte to the buffer
+            str_buffer[str_len] = c[0]  # ++ is post-increment, incremented after this line
+            str_len += 1
+            str_buffer[str_len] = 0
+
+            # while the next character is a continuation byte, continue appending
+            # but if there are too many of them, just stop to avoid overruning str_buffer size.
+            if (c[1] & 0xC0) == 0x80 and str_len < 4:
+                c += 1
+                continue
+
+            # ok c+1 is not a continuation byte, so we've read in a full codepoint
+            n_tokens = append_code_point(t, str_buffer, str_len, tokens, n_tokens)
+            str_len = 0  # protect against a sequence of stray UTF8 continuation bytes
+            c += 1
+
+        # merge the best consecutive pair each iteration, according the scores in vocab_scores
+        while True:
+            best_score = -1e10
+            best_id = -1
+            best_idx = -1
+
+            for i in range(n_tokens - 1):
+                # check if we can merge the pair (tokens[i], tokens[i+1])
+                if not concat_fits(t, tokens[i], tokens[i + 1], str_buffer, buffer_size):
+                    continue
+                id = str_lookup(str_buffer, t.sorted_vocab, t.vocab_size)
+                if id != -1 and t.vocab_scores[id] > best_score:
+                    # this merge pair exists in vocab! record its score and position
+                    best_score = t.vocab_scores[id]
+                    best_id = id
+                    best_idx = i
+
+            if best_idx == -1:
+                break  # we couldn't find any more pairs to merge, so we're done
+
+            # merge the consecutive pair (best_idx, best_idx+1) into new token best_id
+            tokens[best_idx] = best_id
+            # delete token at position best_idx+1, shift the entire sequence back 1
+            for i in range(best_idx + 1, n_tokens - 1):
+                tokens[i] = tokens[i + 1]
+            n_tokens -= 1  # token length decreased
+
+        # add optional EOS (=2) token, if desired
+        if eos:
+            tokens[n_tokens] = 2
+            n_tokens += 1
+
+        result = [tokens[i] for i in range(n_tokens)]
+    finally:
+        free(str_buffer)
+        free(tokens)
+    for id in result:
+        if id >= t.vocab_size:
+            raise LlamaError(f"the prompt needs token {id}, but the vocabulary has only {t.vocab_size}"
+                             f" pieces")
+    return result
+
+cdef int append_code_point(Tokenizer t, const char* code_point, size_t str_len, int* tokens,
+                           int n_tokens) noexcept:
+    cdef int id = str_lookup(code_point, t.sorted_vocab, t.vocab_size)
+    cdef size_t i
+    if id != -1:
+        # we found this codepoint in vocab, add it as a token
+        tokens[n_tokens] = id
+        n_tokens += 1
+    else:
+        # byte_fallback encoding: just encode each byte as a token
+        # +3 is here because the first 3 vocab elements are <unk>, <s>, </s>
+        # so the individual bytes only start at index 3
+        for i in range(str_len):
+            tokens[n_tokens] = <unsigned char>code_point[i] + 3
+            n_tokens += 1
+    return n_tokens
+
+cdef bint concat_fits(Tokenizer t, int a, int b, char* str_buffer, size_t buffer_size) noexcept:
+    # sprintf(str_buffer, "%s%s", vocab[a], vocab[b]) of runq.c; byte-fallback ids past the
+    # vocabulary (tiny vocabularies) have no piece and cannot merge
+    if a >= t.vocab_size or b >= t.vocab_size:
+        return False
+    cdef size_t la = strlen(t.vocab[a]), lb = strlen(t.vocab[b])
+    if la + lb + 1 > buffer_size:
+        return False
+    memcpy(str_buffer, t.vocab[a], la)
+    memcpy(str_buffer + la, t.vocab[b], lb + 1)
+    return True
+
+# ----------------------------------------------------------------------------
+# The Sampler, which takes logits and returns a sampled token
+# sampling can be done in a few ways: greedy argmax, sampling, top-p sampling
+
+cdef struct ProbIndex:
+    float prob
+    int index  # struct used when sorting probabilities during top-p sampling
+
+cdef class Sampler:
+    """Greedy, multinomial or top-p sampling with runq.c's xorshift RNG."""
+    cdef readonly int vocab_size
+    cdef ProbIndex* probindex  # buffer used in top-p sampling
+    cdef readonly float temperature
+    cdef readonly float topp
+    cdef public unsigned long long rng_state
+
+    def __init__(self, int vocab_size, float temperature, float topp, unsigned long long rng_seed):
+        build_sampler(self, vocab_size, temperature, topp, rng_seed)
+
+    def __dealloc__(self):
+        free(self.probindex)
+
+    def sample(self, float[::1] logits):
+        """The next token from logits (float32, vocab_size long; modified in place, as in runq.c)."""
+        if logits.shape[0] != self.vocab_size:
+            raise ValueError(f"expected {self.vocab_size} logits, got {logits.shape[0]}")
+        return sample(self, &logits[0])
+
+cdef int sample_argmax(const float* probabilities, int n) noexcept nogil:
+    # return the index that has the highest probability
+    cdef int max_i = 0, i
+    cdef float max_p = probabilities[0]
+    for i in range(1, n):
+        if probabilities[i] > max_p:
+            max_i = i
+            max_p = probabilities[i]
+    return max_i
+
+cdef int sample_mult(const float* probabilities, int n, float coin) noexcept nogil:
+    # sample index from probabilities (they must sum to 1!)
+    # coin is a random number in [0, 1), usually from random_f32()
+    cdef float cdf = 0.0
+    cdef int i
+    for i in range(n):
+        cdf += probabilities[i]
+        if coin < cdf:
+            return i
+    return n - 1  # in case of rounding errors
+
+cdef int compare(const void* a, const void* b) noexcept nogil:
+    cdef ProbIndex* a_ = <ProbIndex*>a
+    cdef ProbIndex* b_ = <ProbIndex*>b
+    if a_.prob > b_.prob:
+        return -1
+    if a_.prob < b_.prob:
+        return 1
+    return 0
+
+cdef int sample_topp(const float* probabilities, int n, float topp, ProbIndex* probindex,
+                     float coin) noexcept nogil:
+    # top-p sampling (or "nucleus sampling") samples from the smallest set of
+    # tokens that exceed probability topp. This way we never sample tokens that
+    # have very low probabilities and are less likely to go "off the rails".
+    # coin is a random number in [0, 1), usually from random_f32()
+    cdef int n0 = 0, i
+    # quicksort indices in descending order of probabilities
+    # values smaller than (1 - topp) / (n - 1) cannot be part of the result
+    # so for efficiency we crop these out as candidates before sorting
+    cdef float cutoff = (<float>1.0 - topp) / (n - 1)
+    for i in range(n):
+        if probabilities[i] >= cutoff:
+            probindex[n0].index = i
+            probindex[n0].prob = probabilities[i]
+            n0 += 1
+    # libc's qsort, as in runq.c: it is not stable, and ties must break the same way
+    qsort(probindex, n0, sizeof(ProbIndex), compare)
+
+    # truncate the list where cumulative probability exceeds topp
+    cdef float cumulative_prob = 0.0
+    cdef int last_idx = n0 - 1  # in case of rounding errors consider all elements
+    for i in range(n0):
+        cumulative_prob += probindex[i].prob
+        if cumulative_prob > topp:
+            last_idx = i
+            break  # we've exceeded topp by including last_idx
+
+    # sample from the truncated list
+    cdef float r = coin * cumulative_prob
+    cdef float cdf = 0.0
+    for i in range(last_idx + 1):
+        cdf += probindex[i].prob
+        if r < cdf:
+            return probindex[i].index
+    return probindex[last_idx].index  # in case of rounding errors
+
+cdef build_sampler(Sampler sampler, int vocab_size, float temperature, float topp,
+                   unsigned long long rng_seed):
+    sampler.vocab_size = vocab_size
+    sampler.temperature = temperature
+    sampler.topp = topp
+    sampler.rng_state = rng_seed
+    # buffer only used with nucleus sampling; may not need but it's ~small
+    sampler.probindex = <ProbIndex*>malloc(vocab_size * sizeof(ProbIndex))
+    if not sampler.probindex:
+        raise MemoryError()
+
+cdef unsigned int random_u32(unsigned long long* state) noexcept nogil:
+    # xorshift rng: https://en.wikipedia.org/wiki/Xorshift#xorshift.2A
+    state[0] ^= state[0] >> 12
+    state[0] ^= state[0] << 25
+    state[0] ^= state[0] >> 27
+    return <unsigned int>((state[0] * <unsigned long long>0x2545F4914F6CDD1D) >> 32)
+
+cdef float random_f32(unsigned long long* state) noexcept nogil:
+    # random float32 in [0,1)
+    return (random_u32(state) >> 8) / <float>16777216.0
+
+cdef int sample(Sampler sampler, float* logits) noexcept:
+    # sample the token given the logits and some hyperparameters
+    cdef int next, q
+    cdef float coin
+    if sampler.temperature == 0.0:
+        # greedy argmax sampling: take the token with the highest probability
+        next = sample_argmax(logits, sampler.vocab_size)
+    else:
+        # apply the temperature to the logits
+        for q in range(sampler.vocab_size):
+            logits[q] /= sampler.temperature
+        # apply softmax to the logits to get the probabilities for next token
+        softmax(logits, sampler.vocab_size)
+        # flip a (float) coin (this is our source of entropy for sampling)
+        coin = random_f32(&sampler.rng_state)
+        # we sample from this distribution to get the next token
+        if sampler.topp <= 0 or sampler.topp >= 1:
+            # simply sample from the predicted probability distribution
+            next = sample_mult(logits, sampler.vocab_size, coin)
+        else:
+            # top-p (nucleus) sampling, clamping the least likely tokens to zero
+            next = sample_topp(logits, sampler.vocab_size, sampler.topp, sampler.probindex, coin)
+    return next
+
+# ----------------------------------------------------------------------------
+# utilities: time
+
+def time_in_ms():
+    # return time in milliseconds, for benchmarking the model speed
+    return _pytime.time_ns() // 1000000
+
+# ----------------------------------------------------------------------------
+# generation loop
+
+cdef class Generation:
+    """runq.c's generate() loop as an iterator: each step yields the bytes that step prints."""
+    cdef object transformer  # anything with .config and .forward(token, pos) -> float32 logits
+    cdef Tokenizer tokenizer
+    cdef Sampler sampler
+    cdef list prompt_tokens
+    cdef int num_prompt_tokens
+    cdef readonly int steps
+    cdef readonly int pos  # forward passes done so far
+    cdef int token  # the token fed at pos
+    cdef readonly long long start  # time of the first token, for the tok/s report
+
+    def __init__(self, transformer, Tokenizer tokenizer, Sampler sampler, prompt, int steps):
+        if prompt is None:
+            prompt = b""
+        elif isinstance(prompt, str):
+            prompt = prompt.encode("utf-8", "surrogateescape")
+        # encode the (string) prompt into tokens sequence
+        self.prompt_tokens = encode(tokenizer, prompt, 1, 0)
+        self.num_prompt_tokens = len(self.prompt_tokens)
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.sampler = sampler
+        self.steps = steps
+        self.token = self.prompt_tokens[0]  # kick off with the first token in the prompt
+        self.pos = 0  # position in the sequence
+        self.start = 0  # used to time our code, only initialized after first iteration
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef int next
+        cdef float[::1] logits
+        if self.pos >= self.steps:
+            raise StopIteration
+        # forward the transformer to get logits for the next token
+        logits = forward_logits(self.transformer, self.token, self.pos)
+
+        # advance the state machine
+        if self.pos < self.num_prompt_tokens - 1:
+            # if we are still processing the input prompt, force the next prompt token
+            next = self.prompt_tokens[self.pos + 1]
+        else:
+            # otherwise sample the next token from the logits
+            next = sample(self.sampler, &logits[0])
+        self.pos += 1
+
+        # data-dependent terminating condition: the BOS (=1) token delimits sequences
+        if next == 1:
+            self.steps = self.pos
+            raise StopIteration
+
+        # print the token as string, decode it with the Tokenizer object
+        piece = decode(self.tokenizer, self.token, next)
+        self.token = next
+
+        # init the timer here because the first iteration can be slower
+        if self.start == 0:
+            self.start = time_in_ms()
+        return <bytes>piece if printable_piece(piece) else b""
+
+cdef float[::1] forward_logits(transformer, int token, int pos):
+    # the Q8_0 Transformer runs forward() in place; anything else with a forward(token, pos) works too
+    if isinstance(transformer, Transformer):
+        return <float[:(<Transformer>transformer).c_config.vocab_size]>forward(transformer, token, pos)
+    return transformer.forward(token, pos)
+
+def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int steps):
+    """runq.c's generate(): prints the continuation of prompt, reports tok/s on stderr."""
+    gen = Generation(transformer, tokenizer, sampler, prompt, steps)
+    for piece in gen:
+        safe_printf(piece)
+        flush_stdout()
+    write_stdout(b"\n", 1)
+    flush_stdout()
+
+    # report achieved tok/s (pos-1 because the timer starts after first iteration)
+    if gen.pos > 1:
+        end = time_in_ms()
+        # runq.c divides by zero when all tokens come within one millisecond
+        elapsed = max(end - gen.start, 1)
+        sys.stderr.write("achieved tok/s: %f\n" % ((gen.pos - 1) / elapsed * 1000))
+
+def read_stdin(guide):
+    # read a line from stdin; None at end of input. runq.c reads into a fixed 512-byte buffer with
+    # fgets, splitting longer lines; here a line is a line, whatever its length
+    write_stdout(guide, len(guide))
+    flush_stdout()
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return None
+    if line.endswith(b"\n"):
+        line = line[:-1]  # strip newline
+    return line.split(b"\0", 1)[0]  # a C string ends at the first NUL
+
+# ----------------------------------------------------------------------------
+# chat loop
+# I manually inspected the tokens for a few chat conversations compared to
+# python reference and that seemed ok, but this was not thoroughly tested and
+# is not safely implemented, it's more a proof of concept atm.
+
+def chat(transformer, Tokenizer tokenizer, Sampler sampler, cli_user_prompt, cli_system_prompt,
+         int steps):
+    # buffers for reading the system prompt and user prompt from stdin
+    cdef bytes system_prompt = b"", user_prompt = b"", rendered_prompt
+    cdef list prompt_tokens = []
+    cdef int num_prompt_tokens = 0
+    cdef int user_idx = 0
+    cdef float[::1] logits
+
+    # start the main loop
+    cdef bint user_turn = 1  # user starts
+    cdef int next = 0  # will store the next token in the sequence
+    cdef int token  # stores the current token to feed into the transformer
+    cdef int pos = 0  # position in the sequence
+    while pos < steps:
+
+        # when it is the user's turn to contribute tokens to the dialog...
+        if user_turn:
+            # get the (optional) system prompt at position 0
+            if pos == 0:
+                # at position 0, the user can also contribute a system prompt
+                if cli_system_prompt is None:
+                    # system prompt was not passed in, attempt to get it from stdin
+                    system_prompt = read_stdin(b"Enter system prompt (optional): ") or b""
+                else:
+                    # system prompt was passed in, use it
+                    system_prompt = cli_system_prompt
+            # get the user prompt
+            if pos == 0 and cli_user_prompt is not None:
+                # user prompt for position 0 was passed in, use it
+                user_prompt = cli_user_prompt
+            else:
+                # otherwise get user prompt from stdin
+                line = read_stdin(b"User: ")
+                # runq.c loops on its stale buffer at end of input until steps run out; the
+                # conversation simply ends here
+                if line is None:
+                    break
+                user_prompt = line
+            # render user/system prompts into the Llama 2 Chat schema
+            if pos == 0 and system_prompt:
+                rendered_prompt = b"[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]" % (system_prompt, user_prompt)
+            else:
+                rendered_prompt = b"[INST] %s [/INST]" % user_prompt
+            # encode the rendered prompt into tokens
+            prompt_tokens = encode(tokenizer, rendered_prompt, 1, 0)
+            num_prompt_tokens = len(prompt_tokens)
+            user_idx = 0  # reset the user index
+            user_turn = 0
+            write_stdout(b"Assistant: ", 11)
+
+        # determine the token to pass into the transformer next
+        if user_idx < num_prompt_tokens:
+            # if we are still processing the input prompt, force the next prompt token
+            token = prompt_tokens[user_idx]
+            user_idx += 1
+        else:
+            # otherwise use the next token sampled from previous turn
+            token = next
+        # EOS (=2) token ends the Assistant turn
+        if token == 2:
+            user_turn = 1
+
+        # forward the transformer to get logits for the next token
+        logits = forward_logits(transformer, token, pos)
+        next = sample(sampler, &logits[0])
+        pos += 1
+
+        if user_idx >= num_prompt_tokens and next != 2:
+            # the Assistant is responding, so print its output
+            safe_printf(decode(tokenizer, token, next))
+            flush_stdout()
+        if next == 2:
+            write_stdout(b"\n", 1)
+    write_stdout(b"\n", 1)
+    flush_stdout()
+
+# ----------------------------------------------------------------------------
+# CLI, include only if not testing
+
+USAGE = """\
+Usage:   python -m runq <checkpoint> [options]
+Example: python -m runq model_q80.bin -n 256 -i "Once upon a time"
+Options:
+  -t <float>  temperature in [0,inf], default 1.0
+  -p <float>  p value in top-p (nucleus) sampling in [0,1] default 0.9
+  -s <int>    random seed, default time(NULL)
+  -n <int>    number of steps to run for, default 256. 0 = max_seq_len
+  -i <string> input prompt
+  -z <string> optional path to custom tokenizer
+  -m <string> mode: generate|chat, default: generate
+  -y <string> system prompt in chat mode, default: none
+"""
+
+class UsageError(Exception):
+    """Bad command line: main prints the message (if any) and the usage text."""
+
+def error_usage(message=None):
+    raise UsageError(message)
+
+_INT = re.compile(r"\s*[+-]?\d+\s*\Z")
+
+def parse_float(flag, text):
+    # runq.c's atof turns "abc" into 0.0 silently; a value that is not a number is refused
+    try:
+        # CPython's float(), not Cython's inlined parser: under -ffast-math that one turns "nan"
+        # into -1.0
+        value = builtins.float(text)
+    except ValueError:
+        value = None
+    if value is None or math.isnan(value):
+        error_usage(f"{flag} expects a number, got {text!r}")
+    return value
+
+def parse_int(flag, text):
+    # runq.c's atoi: decimal int, refused (instead of silently 0) when it is not one
+    if not _INT.match(text) or not -2**31 <= int(text) < 2**31:
+        error_usage(f"{flag} expects an integer, got {text!r}")
+    return int(text)
+
+def parse_args(argv):
+    """runq.c's main() argument handling; returns the settings as a dict."""
+    # default parameters
+    args = dict(checkpoint_path=None, tokenizer_path="tokenizer.bin", temperature=1.0, topp=0.9,
+                steps=256, prompt=None, rng_seed=0, mode="generate", system_prompt=None)
+    # poor man's C argparse so we can override the defaults above from the command line
+    if len(argv) >= 2:
+        args["checkpoint_path"] = argv[1]
+    else:
+        error_usage()
+    for i in range(2, len(argv), 2):
+        # do some basic validation
+        if i + 1 >= len(argv):
+            error_usage(f"{argv[i]} needs a value")  # must have arg after flag
+        if argv[i][:1] != "-":
+            error_usage(f"expected a flag, got {argv[i]!r}")  # must start with dash
+        if len(argv[i]) != 2:
+            error_usage(f"unknown flag {argv[i]!r}")  # must be -x (one dash, one letter)
+        flag, value = argv[i], argv[i + 1]
+        # read in the args
+        if flag == "-t":
+            args["temperature"] = parse_float(flag, value)
+        elif flag == "-p":
+            args["topp"] = parse_float(flag, value)
+        elif flag == "-s":
+            # atoi's int lands in an unsigned long long, so -1 is 2^64-1 as in runq.c
+            args["rng_seed"] = parse_int(flag, value) & 0xFFFFFFFFFFFFFFFF
+        elif flag == "-n":
+            args["steps"] = parse_int(flag, value)
+        elif flag == "-i":
+            args["prompt"] = os.fsencode(value)  # the bytes the user typed
+        elif flag == "-z":
+            args["tokenizer_path"] = value
+        elif flag == "-m":
+            args["mode"] = value
+        elif flag == "-y":
+            args["system_prompt"] = os.fsencode(value)
+        else:
+            error_usage(f"unknown flag {flag!r}")
+
+    # parameter validation/overrides
+    if args["rng_seed"] <= 0:
+        args["rng_seed"] = <unsigned int>time(NULL)
+    if args["temperature"] < 0.0:
+        args["temperature"] = 0.0
+    if args["topp"] < 0.0 or 1.0 < args["topp"]:
+        args["topp"] = 0.9
+    if args["steps"] < 0:
+        args["steps"] = 0
+    if args["mode"] not in ("generate", "chat"):
+        error_usage(f"unknown mode: {args['mode']}")
+    return args
+
+def main(argv=None, transformer_factory=None):
+    """`python -m runq model_q80.bin [options]`: runq.c's main(). Returns the exit status.
+
+    transformer_factory(path) builds the model (default: Transformer), as in run.main.
+    """
+    if argv is None:
+        argv = sys.argv
+    prog = "runq"
+    try:
+        args = parse_args(argv)
+
+        # build the Transformer via the model .bin file
+        transformer = (transformer_factory or Transformer)(args["checkpoint_path"])
+        config = transformer.config
+        steps = args["steps"]
+        if steps == 0 or steps > config["seq_len"]:
+            steps = config["seq_len"]  # override to ~max length
+
+        # build the Tokenizer via the tokenizer .bin file
+        tokenizer = Tokenizer(args["tokenizer_path"], config["vocab_size"])
+
+        # build the Sampler
+        sampler = Sampler(config["vocab_size"], args["temperature"], args["topp"], args["rng_seed"])
+
+        # run!
+        if args["mode"] == "generate":
+            generate(transformer, tokenizer, sampler, args["prompt"], steps)
+        else:
+            chat(transformer, tokenizer, sampler, args["prompt"], args["system_prompt"], steps)
+    except UsageError as e:
+        if e.args and e.args[0]:
+            sys.stderr.write(f"{prog}: {e.args[0]}\n")
+        sys.stderr.write(USAGE)
+        return 1
+    except (LlamaError, ValueError) as e:
+        sys.stderr.write(f"{prog}: {e}\n")
+        return 1
+    except MemoryError as e:
+        sys.stderr.write(f"{prog}: out of memory{': ' + str(e) if str(e) else ''}\n")
+        return 1
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly, as a C program killed by SIGPIPE would
+        return 141  # 128 + SIGPIPE, the status of `./runq | head` in C
+    except KeyboardInterrupt:
+        fflush(stdout)
+        sys.stderr.write(f"\n{prog}: interrupted\n")
+        return 130
+    return 0
+
+# ----------------------------------------------------------------------------
+# Python API: a model and its tokenizer, for Python code that wants no subprocess
+
+class Model:
+    """A model file and its tokenizer, loaded once.
+
+    >>> m = Model("model_q80.bin", "tokenizer.bin")
+    >>> logits = m.forward(1, 0)  # numpy float32 array of vocab_size
+    >>> ids = m.encode("Once upon a time")
+    >>> for text in m.generate("Once upon a time", steps=64, temperature=0.0): print(text, end="")
+    """
+
+    def __init__(self, checkpoint_path, tokenizer_path="tokenizer.bin"):
+        self.transformer = Transformer(checkpoint_path)
+        self.config = self.transformer.config
+        self.tokenizer = Tokenizer(tokenizer_path, self.config["vocab_size"])
+
+    def forward(self, token, pos):
+        """Logits for token at position pos (the KV cache holds positions < pos)."""
+        return self.transformer.forward(token, pos)
+
+    def encode(self, text, bos=True, eos=False):
+        """Token ids of text, as runq.c's encode()."""
+        return self.tokenizer.encode(text, bos, eos)
+
+    def decode(self, tokens):
+        """The text that printing tokens one after the other gives (invalid UTF-8 replaced);
+        as in runq.c, a piece right after BOS (1) loses its leading space."""
+        pieces = []
+        for prev, token in zip([-1] + list(tokens), tokens):
+            piece = self.tokenizer.decode(prev, token)
+            pieces.append(piece if printable_piece(piece) else b"")
+        return b"".join(pieces).decode("utf-8", "replace")
+
+    def generate(self, prompt=None, steps=256, temperature=1.0, topp=0.9, seed=None):
+        """Yields the generated text piece by piece, exactly what `python -m runq` prints.
+
+        steps, temperature, topp and seed mean what -n, -t, -p and -s mean on the command line.
+        """
+        import codecs
+        if isinstance(prompt, str):
+            prompt = prompt.encode("utf-8", "surrogateescape")
+        seq_len = self.config["seq_len"]
+        steps = seq_len if steps <= 0 or steps > seq_len else steps
+        seed = <unsigned int>time(NULL) if not seed else seed & 0xFFFFFFFFFFFFFFFF
+        topp = 0.9 if topp < 0.0 or topp > 1.0 else topp
+        sampler = Sampler(self.config["vocab_size"], max(temperature, 0.0), topp, seed)
+        # a UTF-8 character can be split over byte tokens: yield whole characters only
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        for piece in Generation(self.transformer, self.tokenizer, sampler, prompt, steps):
+            text = utf8.decode(piece)
+            if text:
+                yield text
+        text = utf8.decode(b"", final=True)
+        if text:
+            yield text

@@ -1,0 +1,5 @@
+import sys
+
+from ._runq import main
+
+sys.exit(main(sys.argv))
