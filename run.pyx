@@ -330,7 +330,7 @@ cdef read_checkpoint(Transformer t, checkpoint):
     t.version = version
     t.shared_weights = shared_weights
     t.file_size = file_size
-    cdef float* weights_ptr = <float*>&t._data[header_size]
+    cdef float* weights_ptr = <float*>&t._data[<Py_ssize_t>header_size]
     if version == 0:
         memory_map_weights(&t.c_weights, &t.c_config, weights_ptr, shared_weights)
     else:
@@ -1091,7 +1091,7 @@ def read_stdin(guide):
     if not line:
         return None
     if line.endswith(b"\n"):
-        line = line[:-1]  # strip newline
+        line = line[:len(line) - 1]  # strip newline
     return line.split(b"\0", 1)[0]  # a C string ends at the first NUL
 
 # ----------------------------------------------------------------------------

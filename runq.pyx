@@ -1303,7 +1303,7 @@ def read_stdin(guide):
     if not line:
         return None
     if line.endswith(b"\n"):
-        line = line[:-1]  # strip newline
+        line = line[:len(line) - 1]  # strip newline
     return line.split(b"\0", 1)[0]  # a C string ends at the first NUL
 
 # ----------------------------------------------------------------------------
