@@ -98,7 +98,7 @@ def decode_tok_s(prog, model, tokenizer, steps, repeats):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["15M", "110M"], choices=sorted(SHAPES))
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--no-runq", action="store_true", help="only the fp32 path")
     args = ap.parse_args()
