@@ -53,10 +53,17 @@ build: $(DEPS)
 	@if [ -z "$$(ls run/_run*.so 2>/dev/null)" ] || [ -n "$$(find $(SOURCES) -newer "$$(ls run/_run*.so | head -1)")" ]; then \
 		$(MAKE) --no-print-directory runomp; fi
 
-# quick start: generate a story with the model the repo ships
+# quick start: a story from the demo model the repo ships (models/README.md), fp32 then int8
+DEMO_FLAGS = -z models/stories_tok.bin -n 256 -t 0.8 -s 42 -i "Once upon a time"
 .PHONY: demo
 demo: build
-	$(PY) -m run testdata/tiny_gqa.bin -z testdata/tok512.bin -n 120 -t 0.8 -s 42 -i "Once upon a time"
+	$(PY) -m run models/stories_demo.bin $(DEMO_FLAGS)
+	$(PY) -m runq models/stories_demo_q80.bin $(DEMO_FLAGS)
+
+# retrain the demo model from scratch (corpus, tokenizer, training, export; needs torch)
+.PHONY: demo-model
+demo-model: $(DEPS)
+	$(PY) train.py --out models/ --seed 0
 
 # the whole test suite (pytest exit status 5, no test collected, counts as a failure)
 .PHONY: test
