@@ -436,7 +436,8 @@ def load_checkpoint(path, log=None):
     except OSError:
         raise  # the CLI reports file errors as such
     except Exception as e:  # torch.load fails in many ways on files that are not checkpoints
-        raise ExportError(f"{path}: not a llama2.c checkpoint ({type(e).__name__}: {e})") from None
+        first_line = (str(e).strip().splitlines() or [""])[0]  # torch's messages run to pages
+        raise ExportError(f"{path}: not a llama2.c checkpoint ({type(e).__name__}: {first_line})") from None
     state = {name: tensor.detach().to(torch.float32).numpy() for name, tensor in state_dict.items()}
     return weights_from_state_dict(state, model_args, log)
 

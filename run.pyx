@@ -4,6 +4,7 @@
 # or computes garbage on bad input, this file refuses with a clear message instead (comments say where).
 
 from cython.parallel cimport prange
+from cpython.exc cimport PyErr_CheckSignals
 from libc.math cimport cosf, expf, powf, sinf, sqrtf
 from libc.stdint cimport int8_t, uint32_t, uint64_t
 from libc.stdio cimport FILE, fclose, fflush, fopen, fread, fseek, ftell, fwrite, stdout, SEEK_END, SEEK_SET
@@ -257,6 +258,9 @@ def weights_nbytes(config, int version, bint shared_weights):
     return 4 * n
 
 
+MAX_SEQ_LEN = 1 << 20  # the longest context a header may ask for
+
+
 def check_config(config, path):
     """Refuses a header whose numbers cannot describe a model; names the field."""
     for name in CONFIG_FIELDS:
@@ -271,6 +275,11 @@ def check_config(config, path):
     if (config["dim"] // config["n_heads"]) % 2:
         raise LlamaError(f"{path}: bad header: head size {config['dim'] // config['n_heads']} is odd "
                          f"(RoPE rotates pairs)")
+    # v1/v2 files hold no table of seq_len rows: the file size does not bound it, so a sane
+    # limit does (Llama 2 and 3 use 4096 and 8192)
+    if config["seq_len"] > MAX_SEQ_LEN:
+        raise LlamaError(f"{path}: bad header: seq_len = {config['seq_len']} is over the limit "
+                         f"of {MAX_SEQ_LEN}")
     head_size = config["dim"] // config["n_heads"]
     kv_cache = 2 * 4 * config["n_layers"] * config["seq_len"] * config["n_kv_heads"] * head_size
     if kv_cache > physical_memory():
@@ -564,16 +573,8 @@ cdef build_tokenizer(Tokenizer t, tokenizer_path, int vocab_size):
     path = os.fsdecode(tokenizer_path)
     if vocab_size <= 0:
         raise LlamaError(f"{path}: vocab_size must be > 0, got {vocab_size}")
-    t.vocab_size = vocab_size
-    # malloc space to hold the scores and the strings
-    t.vocab = <char**>calloc(vocab_size, sizeof(char*))
-    t.vocab_scores = <float*>malloc(vocab_size * sizeof(float))
-    if not t.vocab or not t.vocab_scores:
-        raise MemoryError()
-    for i in range(256):
-        t.byte_pieces[i * 2] = <unsigned char>i
-        t.byte_pieces[i * 2 + 1] = 0
-    # read in the file
+    # the file is opened (and its size checked) before the mallocs, which run.c does first: a
+    # vocab_size of 2^31 with a small file is refused instead of allocating 16 GiB
     file = fopen(os.fsencode(tokenizer_path), "rb")
     if not file or os.path.isdir(tokenizer_path):
         if file:
@@ -583,8 +584,26 @@ cdef build_tokenizer(Tokenizer t, tokenizer_path, int vocab_size):
         fseek(file, 0, SEEK_END)
         file_size = ftell(file)
         fseek(file, 0, SEEK_SET)
+        # each piece takes at least 8 bytes (its score and length) after the 4-byte header
+        if file_size < 4 + 8 * <long>vocab_size:
+            raise LlamaError(f"{path}: file is {file_size} bytes, too small for the model's "
+                             f"vocab_size = {vocab_size} pieces")
+        t.vocab_size = vocab_size
+        # malloc space to hold the scores and the strings
+        t.vocab = <char**>calloc(vocab_size, sizeof(char*))
+        t.vocab_scores = <float*>malloc(vocab_size * sizeof(float))
+        if not t.vocab or not t.vocab_scores:
+            raise MemoryError()
+        for i in range(256):
+            t.byte_pieces[i * 2] = <unsigned char>i
+            t.byte_pieces[i * 2 + 1] = 0
+        # read in the file
         if fread(&t.max_token_length, sizeof(int), 1, file) != 1:
             raise LlamaError(f"{path}: failed read: file is {file_size} bytes, too small for a tokenizer")
+        # encode() sizes its merge buffer from max_token_length: the header's value is not
+        # trusted (an understated one overflows the buffer in C, an absurd one is a giant
+        # malloc), the real longest piece is taken instead; no longer merge can exist
+        t.max_token_length = 0
         for i in range(vocab_size):
             if fread(t.vocab_scores + i, sizeof(float), 1, file) != 1 or fread(&length, sizeof(int), 1, file) != 1:
                 raise LlamaError(f"{path}: failed read: the file ends after {i} pieces, "
@@ -598,8 +617,6 @@ cdef build_tokenizer(Tokenizer t, tokenizer_path, int vocab_size):
             if length and fread(t.vocab[i], length, 1, file) != 1:
                 raise LlamaError(f"{path}: failed read in piece {i}")
             t.vocab[i][length] = 0  # add the string terminating token
-            # encode() sizes its merge buffer from max_token_length: a header that understates it
-            # would overflow that buffer in run.c, so the real longest piece counts
             if <unsigned int>length > t.max_token_length:
                 t.max_token_length = length
     finally:
@@ -1072,6 +1089,9 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
     for piece in gen:
         safe_printf(piece)
         flush_stdout()
+        # forward() runs in C without the eval loop: look for Ctrl-C once a token, or it would
+        # only be seen after the last one
+        PyErr_CheckSignals()
     write_stdout(b"\n", 1)
     flush_stdout()
 
@@ -1087,6 +1107,8 @@ def read_stdin(guide):
     # fgets, splitting longer lines; here a line is a line, whatever its length
     write_stdout(guide, len(guide))
     flush_stdout()
+    # a Ctrl-C that came while the guide was written is seen now, not after the next line
+    PyErr_CheckSignals()
     line = sys.stdin.buffer.readline()
     if not line:
         return None
@@ -1174,6 +1196,7 @@ def chat(transformer, Tokenizer tokenizer, Sampler sampler, cli_user_prompt, cli
             flush_stdout()
         if next == 2:
             write_stdout(b"\n", 1)
+        PyErr_CheckSignals()  # Ctrl-C stops at once (see generate)
     write_stdout(b"\n", 1)
     flush_stdout()
 
@@ -1314,7 +1337,15 @@ def main(argv=None, transformer_factory=None):
         sys.stderr.write(f"{prog}: out of memory{': ' + str(e) if str(e) else ''}\n")
         return 1
     except BrokenPipeError:
-        # the reader went away (`| head`): stop quietly, as a C program killed by SIGPIPE would
+        # the reader went away (`| head`): stop quietly, as a C program killed by SIGPIPE would;
+        # stdout now goes to devnull so that no flush at exit (libc's or Python's) complains
+        # (https://docs.python.org/3/library/signal.html#note-on-sigpipe)
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
         return 141  # 128 + SIGPIPE, the status of `./run | head` in C
     except KeyboardInterrupt:
         fflush(stdout)
