@@ -82,4 +82,9 @@ bench: build
 
 .PHONY: clean
 clean:
-	rm -rf build run/_run*.so runq/_runq*.so *.egg-info .pytest_cache
+	rm -rf build run/_run*.so runq/_runq*.so *.egg-info .pytest_cache fuzz-crashes
+
+# fuzz the loaders (v0, v1, v2 model files and tokenizers) with random mutations for a minute
+.PHONY: fuzz
+fuzz: build
+	$(PY) fuzz.py --seconds $${FUZZ_SECONDS:-60}

@@ -1322,6 +1322,9 @@ def read_stdin(guide):
     # a Ctrl-C that came while the guide was written is seen now, not after the next line
     PyErr_CheckSignals()
     line = sys.stdin.buffer.readline()
+    # a Ctrl-C whose delivery raced with the end of input (the read returned instead of being
+    # interrupted) is pending here: raise it now, inside main's handler, not after main returned
+    PyErr_CheckSignals()
     if not line:
         return None
     if line.endswith(b"\n"):

@@ -113,9 +113,6 @@ def test_ctrl_c_mid_generation(module, big_models):
 
 
 @pytest.mark.parametrize("module", ["run", "runq"])
-@pytest.mark.xfail(reason="flaky: a SIGINT that lands while the read of stdin is blocked is at times only "
-                   "seen once the read returns (end of input), not at once; under investigation",
-                   strict=False)
 def test_ctrl_c_in_chat_waiting_for_input(module):
     proc = popen(module, [MODELS[module], "-z", TOK, "-m", "chat"], stdin=subprocess.PIPE)
     err, seconds = interrupt(proc, b"Enter system prompt (optional): ")
@@ -288,9 +285,6 @@ def test_two_models_in_one_process_are_independent(module):
 
 
 @pytest.mark.parametrize("module", ["run", "runq"])
-@pytest.mark.xfail(reason="flaky: a SIGINT that lands while the read of stdin is blocked is at times only "
-                   "seen once the read returns (end of input), not at once; under investigation",
-                   strict=False)
 def test_ctrl_c_in_chat_waiting_for_user(module):
     proc = popen(module, [MODELS[module], "-z", TOK, "-m", "chat", "-y", "be brief"],
                  stdin=subprocess.PIPE)
