@@ -7,12 +7,18 @@ PYTHON ?= python3
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
 DEPS := $(VENV)/.requirements-installed
+DEV_DEPS := $(VENV)/.requirements-dev-installed
 SOURCES := run.pyx $(wildcard runq.pyx) setup.py
 BUILD = LLAMA_CFLAGS="$(1)" $(PY) setup.py -q build_ext --inplace --force
 
 $(DEPS): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	touch $@
+
+# the tests and development tools need more (requirements-dev.txt says what and why)
+$(DEV_DEPS): requirements-dev.txt $(DEPS)
+	$(VENV)/bin/python -m pip install -q -r requirements-dev.txt
 	touch $@
 
 # the recommended build, also what `make test`, `make demo` and `pip install .` use
@@ -62,17 +68,17 @@ demo: build
 
 # retrain the demo model from scratch (corpus, tokenizer, training, export; needs torch)
 .PHONY: demo-model
-demo-model: $(DEPS)
+demo-model: $(DEV_DEPS)
 	$(PY) train.py --out models/ --seed 0
 
 # the whole test suite (pytest exit status 5, no test collected, counts as a failure)
 .PHONY: test
-test: build
+test: build $(DEV_DEPS)
 	$(PY) -m pytest -q
 
 # the comparisons against the C reference's recorded outputs only
 .PHONY: testc
-testc: build
+testc: build $(DEV_DEPS)
 	$(PY) -m pytest -q test_all.py
 
 # decode speed against numpy's sgemv bandwidth, on random models in the stories15M/110M shapes
@@ -86,5 +92,5 @@ clean:
 
 # fuzz the loaders (v0, v1, v2 model files and tokenizers) with random mutations for a minute
 .PHONY: fuzz
-fuzz: build
+fuzz: build $(DEV_DEPS)
 	$(PY) fuzz.py --seconds $${FUZZ_SECONDS:-60}
