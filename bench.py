@@ -3,11 +3,11 @@
 Writes random-weight models in the stories15M and stories110M shapes with export.py (cached in
 build/bench/), times decode with the command line exactly as a user runs it (the tok/s that run
 reports on stderr, best of --repeats), and in the same run measures how fast numpy's sgemv
-(matrix @ vector) streams the very same weight matrices. Decode reads every weight once per
-token, so tok/s x weight bytes = GB/s, and GB/s / numpy's GB/s says how close to memory-bound
-the port is.
+(matrix @ vector) streams the very same weight matrices, sustained over as many passes as
+decode has tokens. Decode reads every weight once per token, so tok/s x weight bytes = GB/s,
+and GB/s / numpy's GB/s says how close to memory-bound the port is.
 
-    python bench.py [--shapes 15M 110M] [--repeats 3] [--steps 256]
+    python bench.py [--shapes 15M 110M] [--repeats 7] [--steps 256] [--no-runq]
 """
 import argparse
 import os
@@ -70,17 +70,21 @@ def matmul_weights(path):
     return [m for layer in layers for m in layer] + [w["wcls"]]
 
 
-def numpy_sgemv_gbps(matrices, repeats):
-    """GB/s of numpy's sgemv over the matrices, in decode's order (best of repeats passes)."""
+def numpy_sgemv_gbps(matrices, repeats, passes):
+    """GB/s of numpy's sgemv over the matrices in decode's order, sustained like a decode: the
+    best of `repeats` runs of `passes` passes each (one pass per token)."""
     vectors = {m.shape[1]: np.random.default_rng(0).standard_normal(m.shape[1], dtype=np.float32)
                for m in matrices}
     nbytes = sum(m.nbytes for m in matrices)
+    for m in matrices:  # warm the page cache, as decode's first (untimed) token does
+        m @ vectors[m.shape[1]]
     best = float("inf")
-    for _ in range(repeats * 5 + 1):  # the first pass warms the page cache
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        for m in matrices:
-            m @ vectors[m.shape[1]]
-        best = min(best, time.perf_counter() - t0)
+        for _ in range(passes):
+            for m in matrices:
+                m @ vectors[m.shape[1]]
+        best = min(best, (time.perf_counter() - t0) / passes)
     return nbytes / best / 1e9
 
 
@@ -98,7 +102,7 @@ def decode_tok_s(prog, model, tokenizer, steps, repeats):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["15M", "110M"], choices=sorted(SHAPES))
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--no-runq", action="store_true", help="only the fp32 path")
     args = ap.parse_args()
@@ -116,7 +120,7 @@ def main():
     for name in args.shapes:
         fp32, q80, tok = model_files(name, has_runq)
         matrices = matmul_weights(fp32)
-        numpy_gbps = numpy_sgemv_gbps(matrices, args.repeats)
+        numpy_gbps = numpy_sgemv_gbps(matrices, args.repeats, args.steps - 1)
         fp32_bytes = sum(m.nbytes for m in matrices)
         programs = [("run", fp32, fp32_bytes)]
         if has_runq:
