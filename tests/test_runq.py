@@ -1,14 +1,13 @@
-"""runq.pyx (llama2.c's runq.c, int8 Q8_0) against references: the C programs' stdout
-(golden.json) and logits, a NumPy Q8_0 forward for group sizes that do not divide the rows, bad
-v2 files, and the Python API."""
+"""runq.pyx (llama2.c's runq.c, int8 Q8_0) against references: the C program's logits, a NumPy
+Q8_0 forward for group sizes that do not divide the rows, bad v2 files, and the Python API.
+(Its stdout against the C goldens is checked in test_all.py, with run's.)"""
 import json
 import struct
 
 import numpy as np
 import pytest
 
-from conftest import (TESTDATA, assert_one_line_error, fixture_path, golden_argv, golden_cases,
-                      golden_outputs, run_cli)
+from conftest import TESTDATA, assert_one_line_error, fixture_path, run_cli
 from tests.reference import ReferenceTransformer
 
 runq = pytest.importorskip("runq", reason="runq is not built")
@@ -20,13 +19,6 @@ MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 # ----------------------------------------------------------------------------
 # against the C reference
-
-@pytest.mark.parametrize("case", golden_cases("runq"), ids=lambda c: c["name"])
-def test_golden_stdout(case):
-    proc = run_cli("runq", golden_argv(case), stdin=case["stdin"].encode())
-    assert proc.returncode == case["returncode"], proc.stderr.decode()
-    assert proc.stdout in golden_outputs(case)
-
 
 @pytest.mark.parametrize("model", ["tiny_mha", "tiny_gqa", "stories260K"])
 def test_logits_match_c(model):
