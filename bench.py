@@ -7,7 +7,10 @@ reports on stderr, best of --repeats), and in the same run measures how fast num
 decode has tokens. Decode reads every weight once per token, so tok/s x weight bytes = GB/s,
 and GB/s / numpy's GB/s says how close to memory-bound the port is.
 
-    python bench.py [--shapes 15M 110M] [--repeats 7] [--steps 256] [--no-runq]
+    python bench.py [--shapes 15M 110M] [--programs run runq run_cuda] [--repeats 7] [--steps 256]
+
+With run_cuda (on an NVIDIA GPU with PyCUDA), the ratio is the fraction of the GPU's memory
+bandwidth that the weights stream at.
 """
 import argparse
 import os
@@ -32,7 +35,7 @@ SHAPES = {
 }
 # the acceptance targets of the issues (../shared/NOTES.md has the C figures they come from)
 TARGETS = {("run", "110M"): ("ratio", 0.95), ("run", "15M"): ("tok/s", 750.0),
-           ("runq", "110M"): ("ratio", 0.45)}
+           ("runq", "110M"): ("ratio", 0.45), ("run_cuda", "110M"): ("tok/s", 1500.0)}
 
 
 def write_tokenizer(path, vocab_size):
@@ -88,50 +91,66 @@ def numpy_sgemv_gbps(matrices, repeats, passes):
     return nbytes / best / 1e9
 
 
-def decode_tok_s(prog, model, tokenizer, steps, repeats):
-    """The best `achieved tok/s` that `python -m prog` reports over repeats greedy runs."""
+def decode_tok_s(command, model, tokenizer, steps, repeats):
+    """The best `achieved tok/s` that command (a run-like CLI) reports over repeats greedy runs."""
     best = 0.0
     for _ in range(repeats):
-        proc = subprocess.run([sys.executable, "-m", prog, str(model), "-z", str(tokenizer),
-                               "-n", str(steps), "-t", "0"], cwd=REPO, capture_output=True,
-                              text=True, check=True)
+        proc = subprocess.run([*command, str(model), "-z", str(tokenizer), "-n", str(steps),
+                               "-t", "0"], cwd=REPO, capture_output=True, text=True, check=True)
         best = max(best, float(re.search(r"achieved tok/s: ([0-9.]+)", proc.stderr).group(1)))
     return best
+
+
+def gpu_peak_gbps():
+    """(the GPU's name, its memory bandwidth in GB/s from the memory clock and bus width)."""
+    import pycuda.autoinit  # noqa: F401  (a context on the first GPU)
+    import pycuda.driver as cuda
+    device = cuda.Context.get_device()
+    clock_khz = device.get_attribute(cuda.device_attribute.MEMORY_CLOCK_RATE)
+    bus_bits = device.get_attribute(cuda.device_attribute.GLOBAL_MEMORY_BUS_WIDTH)
+    return device.name(), 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9  # double data rate
+
+
+COMMANDS = {"run": [sys.executable, "-m", "run"], "runq": [sys.executable, "-m", "runq"],
+            "run_cuda": [sys.executable, "run_cuda.py"]}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["15M", "110M"], choices=sorted(SHAPES))
+    ap.add_argument("--programs", nargs="+", default=["run", "runq"], choices=sorted(COMMANDS),
+                    help="run_cuda compares with the GPU's memory bandwidth instead of numpy's")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=256)
-    ap.add_argument("--no-runq", action="store_true", help="only the fp32 path")
     args = ap.parse_args()
     try:
-        import runq  # noqa: F401
-        has_runq = not args.no_runq
-    except ImportError:
-        has_runq = False
+        gpu = gpu_peak_gbps() if "run_cuda" in args.programs else None
+    except ImportError as e:
+        sys.exit(f"bench: run_cuda needs PyCUDA and a GPU ({e})")
 
     print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cpus, "
-          f"{args.steps} steps, best of {args.repeats}")
-    print(f"| program | shape | weights/token | tok/s | GB/s | numpy sgemv GB/s | ratio | target |")
-    print(f"| --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"{args.steps} steps, best of {args.repeats}" + (f", GPU: {gpu[0]}" if gpu else ""))
+    print("| program | shape | weights/token | tok/s | GB/s | numpy sgemv (GPU peak) GB/s | ratio | target |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     failed = False
     for name in args.shapes:
-        fp32, q80, tok = model_files(name, has_runq)
+        fp32, q80, tok = model_files(name, "runq" in args.programs)
         matrices = matmul_weights(fp32)
-        numpy_gbps = numpy_sgemv_gbps(matrices, args.repeats, args.steps - 1)
         fp32_bytes = sum(m.nbytes for m in matrices)
-        programs = [("run", fp32, fp32_bytes)]
-        if has_runq:
-            # int8 values plus one float32 scale per group
-            with open(q80, "rb") as f:
-                group_size = struct.unpack_from("i", f.read(64), 37)[0]
-            programs.append(("runq", q80, fp32_bytes // 4 + fp32_bytes // group_size))
-        for prog, model, nbytes in programs:
-            tok_s = decode_tok_s(prog, model, tok, args.steps, args.repeats)
+        cpu_programs = [p for p in args.programs if p != "run_cuda"]
+        numpy_gbps = numpy_sgemv_gbps(matrices, args.repeats, args.steps - 1) if cpu_programs else None
+        for prog in args.programs:
+            model, nbytes, reference = fp32, fp32_bytes, numpy_gbps
+            if prog == "runq":
+                # int8 values plus one float32 scale per group
+                with open(q80, "rb") as f:
+                    group_size = struct.unpack_from("i", f.read(64), 37)[0]
+                model, nbytes = q80, fp32_bytes // 4 + fp32_bytes // group_size
+            elif prog == "run_cuda":
+                reference = gpu[1]
+            tok_s = decode_tok_s(COMMANDS[prog], model, tok, args.steps, args.repeats)
             gbps = tok_s * nbytes / 1e9
-            ratio = gbps / numpy_gbps
+            ratio = gbps / reference
             target = TARGETS.get((prog, name))
             verdict = ""
             if target:
@@ -140,7 +159,7 @@ def main():
                 failed |= not ok
                 verdict = f"{target[0]} >= {target[1]:g}: {'met' if ok else 'MISSED'}"
             print(f"| {prog} | {name} | {nbytes / 1e6:.0f} MB | {tok_s:.1f} | {gbps:.1f} | "
-                  f"{numpy_gbps:.1f} | {ratio:.2f} | {verdict} |", flush=True)
+                  f"{reference:.1f} | {ratio:.2f} | {verdict} |", flush=True)
     return 1 if failed else 0
 
 
