@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent
@@ -26,6 +27,17 @@ def fixture_path(name):
             pytest.skip(f"{name} comes from ../shared/fixtures, which is absent")
         return path
     return TESTDATA / name
+
+
+def c_logits(model, prog):
+    """The logits C's forward() gave for logits/README.json's tokens (16 positions x vocab)."""
+    name = f"{model}.{prog}.npy"
+    if model.startswith("stories"):  # made from another project's model: kept in ../shared only
+        path = SHARED / "logits" / name
+        if not path.exists():
+            pytest.skip(f"logits/{name} comes from ../shared/fixtures, which is absent")
+        return np.load(path)
+    return np.load(TESTDATA / "logits" / name)
 
 
 def golden_cases(prog=None):

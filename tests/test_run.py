@@ -8,7 +8,7 @@ import pytest
 
 import export
 import run
-from conftest import REPO, TESTDATA, fixture_path, run_cli
+from conftest import REPO, TESTDATA, c_logits, fixture_path, run_cli
 from tests.reference import ReferenceTransformer
 
 LOGIT_TOKENS = json.loads((TESTDATA / "logits" / "README.json").read_text())["tokens"]
@@ -18,7 +18,7 @@ LOGIT_TOKENS = json.loads((TESTDATA / "logits" / "README.json").read_text())["to
 def test_logits_match_c(model):
     """forward() at 16 positions against C's forward() (gcc -O2)."""
     transformer = run.Transformer(str(fixture_path(model + ".bin")))
-    expected = np.load(TESTDATA / "logits" / f"{model}.run.npy")
+    expected = c_logits(model, "run")
     got = np.stack([transformer.forward(tok, pos) for pos, tok in enumerate(LOGIT_TOKENS)])
     scale = np.abs(expected).max()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * scale)
@@ -95,8 +95,8 @@ def test_api_forward_encode_decode():
     assert model.decode([1] + ids[1:]).startswith("\n<s>\n")
     logits = model.forward(ids[0], 0)
     assert logits.shape == (512,) and logits.dtype == np.float32
-    c_logits = np.load(TESTDATA / "logits" / "tiny_mha.run.npy")[0]  # BOS at position 0
-    np.testing.assert_allclose(logits, c_logits, rtol=1e-4, atol=1e-5 * np.abs(c_logits).max())
+    expected = c_logits("tiny_mha", "run")[0]  # BOS at position 0
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
     with pytest.raises(ValueError):
         model.forward(512, 0)
     with pytest.raises(ValueError):

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import TESTDATA, assert_one_line_error, fixture_path, run_cli
+from conftest import TESTDATA, assert_one_line_error, c_logits, fixture_path, run_cli
 from tests.reference import ReferenceTransformer
 
 runq = pytest.importorskip("runq", reason="runq is not built")
@@ -25,7 +25,7 @@ def test_logits_match_c(model):
     """forward() at 16 positions against runq.c's forward() (gcc -O2); the int8 sums are exact,
     only float rounding differs (about 4e-7 of the logit scale here)."""
     transformer = runq.Transformer(str(fixture_path(model + "_q80.bin")))
-    expected = np.load(TESTDATA / "logits" / f"{model}.runq.npy")
+    expected = c_logits(model, "runq")
     got = np.stack([transformer.forward(tok, pos) for pos, tok in enumerate(LOGIT_TOKENS)])
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
@@ -230,8 +230,8 @@ def test_api_forward_encode_decode():
     assert ids[0] == 1 and model.decode(ids[1:]) == " Mia had a red ball."
     logits = model.forward(LOGIT_TOKENS[0], 0)
     assert logits.shape == (512,) and logits.dtype == np.float32
-    c_logits = np.load(TESTDATA / "logits" / "tiny_mha.runq.npy")[0]
-    np.testing.assert_allclose(logits, c_logits, rtol=0, atol=1e-4 * np.abs(c_logits).max())
+    expected = c_logits("tiny_mha", "runq")[0]
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
     with pytest.raises(ValueError):
         model.forward(512, 0)
     with pytest.raises(ValueError):
