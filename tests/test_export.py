@@ -159,8 +159,8 @@ def test_writers_check_shapes(model, tmp_path):
 
 # ---------------------------------------------------------------------------- checkpoints
 
-def test_checkpoint_state_dict_mapping(model):
-    name, config, weights, shared = model
+def train_py_checkpoint(config, weights):
+    """(state_dict, model_args) as llama2.c's train.py saves them (the state_dict as numpy)."""
     state = {"tok_embeddings.weight": weights["token_embedding_table"],
              "norm.weight": weights["rms_final_weight"],
              # model.py ties the two: the state_dict holds the same values twice
@@ -173,12 +173,33 @@ def test_checkpoint_state_dict_mapping(model):
     model_args = dict(dim=config["dim"], n_layers=config["n_layers"], n_heads=config["n_heads"],
                       n_kv_heads=config["n_kv_heads"], vocab_size=config["vocab_size"],
                       multiple_of=32, max_seq_len=config["seq_len"], dropout=0.0)
+    return state, model_args
+
+
+def test_checkpoint_state_dict_mapping(model):
+    name, config, weights, shared = model
+    state, model_args = train_py_checkpoint(config, weights)
     got_config, got, got_shared = export.weights_from_state_dict(state, model_args)
     assert (got_config, got_shared) == (config, shared)
     assert_same_weights(got, weights)
     del state["_orig_mod.layers.1.attention.wk.weight"]
     with pytest.raises(export.ExportError, match="layers.1.attention.wk.weight"):
         export.weights_from_state_dict(state, model_args)
+
+
+def test_checkpoint_cli_exports_the_fixture(model, tmp_path):
+    """A real torch.save'd checkpoint through `export.py --checkpoint` gives the fixture's bytes."""
+    torch = pytest.importorskip("torch")
+    name, config, weights, shared = model
+    state, model_args = train_py_checkpoint(config, weights)
+    checkpoint = {"model": {k: torch.from_numpy(v.copy()) for k, v in state.items()},
+                  "model_args": model_args, "iter_num": 0, "best_val_loss": 1.0}
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    out = tmp_path / "out.bin"
+    proc = subprocess.run([sys.executable, "export.py", str(out), "--version", "0", "--checkpoint",
+                           str(tmp_path / "ckpt.pt")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == (TESTDATA / f"{name}.bin").read_bytes()
 
 
 # ---------------------------------------------------------------------------- Hugging Face
