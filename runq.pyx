@@ -337,7 +337,7 @@ def weights_nbytes(config, int group_size, bint shared_classifier):
     overflow): the fp32 rmsnorm weights, then per tensor its int8 values and one fp32 scale a group."""
     c = config
     n = 4 * (2 * c["n_layers"] * c["dim"] + c["dim"])  # rms_att, rms_ffn, rms_final
-    for name, count, rows, cols in quantized_tensors(config, shared_classifier):
+    for _, count, rows, cols in quantized_tensors(config, shared_classifier):
         n += count * (rows * cols + 4 * (rows * cols // group_size))
     return n
 
@@ -380,7 +380,7 @@ def check_group_size(config, group_size, bint shared_classifier, path):
     if group_size > MAX_GROUP_SIZE:
         raise LlamaError(f"{path}: bad header: group_size = {group_size} is too large (over "
                          f"{MAX_GROUP_SIZE} int8 products could overflow a group's int32 sum)")
-    for name, count, rows, cols in quantized_tensors(config, shared_classifier):
+    for name, _, rows, cols in quantized_tensors(config, shared_classifier):
         # runq.c would floor the number of scales and read every later tensor from the wrong place
         if rows * cols % group_size:
             raise LlamaError(f"{path}: bad header: group_size = {group_size} does not divide the "
