@@ -8,8 +8,12 @@ VENV ?= .venv
 PY ?= $(VENV)/bin/python
 DEPS := $(VENV)/.requirements-installed
 DEV_DEPS := $(VENV)/.requirements-dev-installed
-SOURCES := run.pyx $(wildcard runq.pyx) setup.py
+SOURCES := run.pyx runq.pyx setup.py
 BUILD = LLAMA_CFLAGS="$(1)" $(PY) setup.py -q build_ext --inplace --force
+# the IEEE-exact build (make run's flags) that the tests hold to C's -O3 output, kept apart
+EXACT := build/exact
+EXACT_FLAGS := -O3
+PACKAGE_SOURCES := $(wildcard run/*.py runq/*.py)
 
 $(DEPS): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -53,11 +57,23 @@ runompgnu: $(DEPS)
 runcuda: runomp
 	$(PY) -m pip install -q pycuda
 
-# build with the recommended flags unless an extension is already newer than its sources
+# build with the recommended flags unless both extensions are already newer than their sources
 .PHONY: build
 build: $(DEPS)
-	@if [ -z "$$(ls run/_run*.so 2>/dev/null)" ] || [ -n "$$(find $(SOURCES) -newer "$$(ls run/_run*.so | head -1)")" ]; then \
-		$(MAKE) --no-print-directory runomp; fi
+	@for so in run/_run runq/_runq; do \
+		f=$$(ls $$so*.so 2>/dev/null | head -1); \
+		if [ -z "$$f" ] || [ -n "$$(find $(SOURCES) -newer "$$f")" ]; then \
+			$(MAKE) --no-print-directory runomp; break; fi; done
+
+# make run's build, as a package tree in build/exact (the user's in-place build stays as it is):
+# the tests check that it prints C's -O3 output byte for byte on every recorded case
+$(EXACT)/.built: $(SOURCES) $(PACKAGE_SOURCES) | $(DEPS)
+	rm -rf $(EXACT) $(EXACT).tmp
+	LLAMA_CFLAGS="$(EXACT_FLAGS)" $(PY) setup.py -q build --build-lib $(EXACT) --build-temp $(EXACT).tmp --force
+	touch $@
+
+.PHONY: exact
+exact: $(EXACT)/.built
 
 # quick start: a story from the demo model the repo ships (models/README.md), fp32 then int8
 DEMO_FLAGS = -z models/stories_tok.bin -n 256 -t 0.8 -s 42 -i "Once upon a time"
@@ -73,12 +89,12 @@ demo-model: $(DEV_DEPS)
 
 # the whole test suite (pytest exit status 5, no test collected, counts as a failure)
 .PHONY: test
-test: build $(DEV_DEPS)
+test: build exact $(DEV_DEPS)
 	$(PY) -m pytest -q
 
 # the comparisons against the C reference's recorded outputs only
 .PHONY: testc
-testc: build $(DEV_DEPS)
+testc: build exact $(DEV_DEPS)
 	$(PY) -m pytest -q test_all.py
 
 # decode speed against numpy's sgemv bandwidth, on random models in the stories15M/110M shapes

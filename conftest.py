@@ -2,6 +2,11 @@
 
 Our own fixtures are copied into testdata/; files from other projects (tokenizer.bin, the
 stories260K models) are read from ../shared/fixtures and their tests skip when it is absent.
+
+Two builds are tested (testdata/README.md says which test uses which):
+- "fast": the user's in-place build (run/_run*.so, runq/_runq*.so; `make runomp` by default).
+- "exact": `make run`'s IEEE flags, built by `make exact` into build/exact as a package tree.
+A build that is missing fails the tests that need it; it is never skipped.
 """
 import base64
 import json
@@ -17,6 +22,29 @@ REPO = Path(__file__).resolve().parent
 TESTDATA = REPO / "testdata"
 SHARED = REPO.parent / "shared" / "fixtures"
 SHARED_ONLY = ("tokenizer.bin", "stories260K.bin", "stories260K_q80.bin")
+BUILDS = ("fast", "exact")
+EXACT_ROOT = REPO / "build" / "exact"
+
+
+def build_root(build):
+    """The directory whose run/ and runq/ packages are the given build."""
+    if build == "fast":
+        return REPO
+    if not (EXACT_ROOT / ".built").exists():
+        pytest.fail("the exact build is missing: run `make exact` (make test does)")
+    return EXACT_ROOT
+
+
+def in_build(build, function, **kwargs):
+    """tests/in_build.py's function(**kwargs), called in a process of its own whose `run` and
+    `runq` are the given build's (one process cannot hold two builds: each extension registers
+    itself under its own name, run._run or runq._runq)."""
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "in_build.py"), str(build_root(build)),
+                           function], input=json.dumps(kwargs).encode(), capture_output=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        pytest.fail(f"{function} in the {build} build failed:\n{proc.stderr.decode()}")
+    return json.loads(proc.stdout)
 
 
 def fixture_path(name):
@@ -62,10 +90,11 @@ def golden_argv(case):
     return argv
 
 
-def run_cli(module, args, stdin=b"", timeout=120, env=None):
-    """`python -m module args...` from the repo root; returns the CompletedProcess (bytes)."""
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], input=stdin, cwd=REPO,
-                          capture_output=True, timeout=timeout, env=env)
+def run_cli(module, args, stdin=b"", timeout=120, env=None, build="fast"):
+    """`python -m module args...` from the root of a build (the repo for the fast one; relative
+    paths in args are then relative to it); returns the CompletedProcess (bytes)."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], input=stdin,
+                          cwd=build_root(build), capture_output=True, timeout=timeout, env=env)
 
 
 def assert_one_line_error(proc):

@@ -36,7 +36,10 @@ debug = os.environ.get("LLAMA_DEBUG") == "1"
 directives = dict(language_level=3, boundscheck=debug, wraparound=debug, cdivision=True,
                   initializedcheck=debug)
 sources = [("run._run", "run.pyx"), ("runq._runq", "runq.pyx")]
-extensions = [extension(name, src) for name, src in sources if os.path.exists(src)]
+missing = [src for _, src in sources if not os.path.exists(src)]
+if missing:  # a build without one of the programs is no build: say so instead of skipping it
+    sys.exit(f"setup.py: {', '.join(missing)} not found (run setup.py from the repository's root)")
+extensions = [extension(name, src) for name, src in sources]
 
 setup(packages=["run", "runq"], py_modules=["export", "tokenizer"],
       ext_modules=cythonize(extensions, compiler_directives=directives, build_dir="build", quiet=True))

@@ -7,10 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import TESTDATA, assert_one_line_error, c_logits, fixture_path, run_cli
+import runq
+from conftest import BUILDS, TESTDATA, assert_one_line_error, c_logits, fixture_path, in_build, run_cli
 from tests.reference import ReferenceTransformer
-
-runq = pytest.importorskip("runq", reason="runq is not built")
 
 TOK = TESTDATA / "tok512.bin"
 LOGIT_TOKENS = json.loads((TESTDATA / "logits" / "README.json").read_text())["tokens"]
@@ -20,14 +19,19 @@ MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 # ----------------------------------------------------------------------------
 # against the C reference
 
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("model", ["tiny_mha", "tiny_gqa", "stories260K"])
-def test_logits_match_c(model):
-    """forward() at 16 positions against runq.c's forward() (gcc -O2); the int8 sums are exact,
-    only float rounding differs (about 4e-7 of the logit scale here)."""
-    transformer = runq.Transformer(str(fixture_path(model + "_q80.bin")))
+def test_logits_match_c(model, build):
+    """forward() at 16 positions against runq.c's forward() (gcc -O2). The int8 sums are exact in
+    any order; the exact build also adds the groups' floats in C's order, so its logits are C's
+    to the bit; -Ofast rounds differently (about 4e-7 of the logit scale here)."""
     expected = c_logits(model, "runq")
-    got = np.stack([transformer.forward(tok, pos) for pos, tok in enumerate(LOGIT_TOKENS)])
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    got = np.array(in_build(build, "logits", prog="runq", model=str(fixture_path(model + "_q80.bin")),
+                            tokens=LOGIT_TOKENS), dtype=np.float32)
+    if build == "exact":
+        np.testing.assert_array_equal(got, expected)
+    else:
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
 # ----------------------------------------------------------------------------
