@@ -13,7 +13,7 @@ BUILD = LLAMA_CFLAGS="$(1)" $(PY) setup.py -q build_ext --inplace --force
 # the IEEE-exact build (make run's flags) that the tests hold to C's -O3 output, kept apart
 EXACT := build/exact
 EXACT_FLAGS := -O3
-PACKAGE_SOURCES := $(wildcard run/*.py runq/*.py)
+PACKAGE_SOURCES := $(wildcard run/*.py runq/*.py llama2_cython/*.py)
 
 $(DEPS): requirements.txt
 	$(PYTHON) -m venv $(VENV)

@@ -6,22 +6,21 @@
 from cython.parallel cimport prange
 from cpython.exc cimport PyErr_CheckSignals
 from libc.math cimport cosf, expf, powf, sinf, sqrtf
-from libc.stdio cimport FILE, fclose, fflush, fopen, fread, fseek, ftell, fwrite, stdout, SEEK_END, SEEK_SET
+from libc.errno cimport errno, EIO, EPIPE
+from libc.stdio cimport (FILE, fclose, fflush, fopen, fread, fseek, ftell, fwrite, sscanf, stdout,
+                         SEEK_END, SEEK_SET)
 from libc.stdlib cimport bsearch, calloc, free, malloc, qsort
 from libc.string cimport memcpy, memset, strcmp, strlen
-from libc.time cimport time
 
 import builtins
-import math
-import mmap
 import os
-import re
 import sys
 import time as _pytime
 
-
-class LlamaError(Exception):
-    """A bad model file, tokenizer file or argument: the message is one line for the user."""
+# what has no twin in run.c is written once for run, runq and run_cuda (llama2_cython/)
+from llama2_cython import LlamaError
+from llama2_cython.cli import ExitStatus, parse_args, read_line
+from llama2_cython.formats import map_model
 
 
 # ----------------------------------------------------------------------------
@@ -71,11 +70,6 @@ cdef struct RunState:
     # kv cache
     float* key_cache  # (layer, seq_len, dim)
     float* value_cache  # (layer, seq_len, dim)
-
-# v1 files (export.py's version1_export) start with this magic and a 256-byte header
-DEF V1_MAGIC = 0x616b3432
-DEF V1_HEADER_SIZE = 256
-DEF V0_HEADER_SIZE = 28  # 7 ints
 
 
 cdef class Transformer:
@@ -145,9 +139,6 @@ cdef class Transformer:
         return np.array(<float[:self.c_config.vocab_size]>logits, dtype=np.float32)
 
 
-CONFIG_FIELDS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
-
-
 cdef void malloc_run_state(RunState* s, Config* p) except *:
     # we calloc instead of malloc to keep valgrind happy
     cdef size_t kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
@@ -211,8 +202,8 @@ cdef void memory_map_weights(TransformerWeights* w, Config* p, float* ptr, bint 
     w.wcls = w.token_embedding_table if shared_weights else ptr
 
 cdef void memory_map_weights_v1(TransformerWeights* w, Config* p, float* ptr, bint shared_weights) noexcept:
-    # run.c never read v1 files; export.py's version1_export writes the norms first, then the
-    # embedding table and the matrices, and no RoPE tables.
+    # run.c never read v1 files; they hold the norms first, then the embedding table and the
+    # matrices, and no RoPE tables (export.py's write_v1)
     cdef size_t head_size = p.dim // p.n_heads
     cdef size_t n_layers = p.n_layers, dim = p.dim, hidden_dim = p.hidden_dim
     w.rms_att_weight = ptr
@@ -240,109 +231,20 @@ cdef void memory_map_weights_v1(TransformerWeights* w, Config* p, float* ptr, bi
     w.wcls = w.token_embedding_table if shared_weights else ptr
 
 
-def weights_nbytes(config, int version, bint shared_weights):
-    """Bytes of weights that a file of this config holds after its header (Python ints: no overflow)."""
-    c = config
-    head_size = c["dim"] // c["n_heads"]
-    kv_dim = c["n_kv_heads"] * head_size
-    n = (c["vocab_size"] * c["dim"]  # token embedding table
-         + c["n_layers"] * (2 * c["dim"]  # rms_att, rms_ffn
-                            + 2 * c["dim"] * c["dim"] + 2 * c["dim"] * kv_dim  # wq, wo, wk, wv
-                            + 3 * c["dim"] * c["hidden_dim"])  # w1, w2, w3
-         + c["dim"])  # rms_final
-    if version == 0:
-        n += 2 * c["seq_len"] * (head_size // 2)  # the legacy freq_cis tables
-    if not shared_weights:
-        n += c["vocab_size"] * c["dim"]
-    return 4 * n
-
-
-MAX_SEQ_LEN = 1 << 20  # the longest context a header may ask for
-
-
-def check_config(config, path):
-    """Refuses a header whose numbers cannot describe a model; names the field."""
-    for name in CONFIG_FIELDS:
-        if config[name] <= 0:
-            raise LlamaError(f"{path}: bad header: {name} = {config[name]} (must be > 0)")
-    if config["dim"] % config["n_heads"]:
-        raise LlamaError(f"{path}: bad header: n_heads = {config['n_heads']} does not divide "
-                         f"dim = {config['dim']}")
-    if config["n_heads"] % config["n_kv_heads"]:
-        raise LlamaError(f"{path}: bad header: n_kv_heads = {config['n_kv_heads']} does not divide "
-                         f"n_heads = {config['n_heads']}")
-    if (config["dim"] // config["n_heads"]) % 2:
-        raise LlamaError(f"{path}: bad header: head size {config['dim'] // config['n_heads']} is odd "
-                         f"(RoPE rotates pairs)")
-    # v1/v2 files hold no table of seq_len rows: the file size does not bound it, so a sane
-    # limit does (Llama 2 and 3 use 4096 and 8192)
-    if config["seq_len"] > MAX_SEQ_LEN:
-        raise LlamaError(f"{path}: bad header: seq_len = {config['seq_len']} is over the limit "
-                         f"of {MAX_SEQ_LEN}")
-    head_size = config["dim"] // config["n_heads"]
-    kv_cache = 2 * 4 * config["n_layers"] * config["seq_len"] * config["n_kv_heads"] * head_size
-    if kv_cache > physical_memory():
-        raise LlamaError(f"{path}: bad header: seq_len = {config['seq_len']} needs a "
-                         f"{kv_cache / 2**30:.1f} GiB KV cache, more than this machine's memory")
-
-
-def physical_memory():
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 40
-
-
 cdef read_checkpoint(Transformer t, checkpoint):
-    # run.c freads the header and mmaps the file; here every size is checked against the file
-    # before a pointer is made, and v1 files (magic + version 1) are read too.
-    path = os.fsdecode(checkpoint)
-    try:
-        f = open(checkpoint, "rb")
-    except OSError as e:
-        raise LlamaError(f"Couldn't open file {path}: {e.strerror}") from None
-    with f:
-        file_size = os.fstat(f.fileno()).st_size
-        head = f.read(V1_HEADER_SIZE)
-        if file_size < V0_HEADER_SIZE:
-            raise LlamaError(f"{path}: file is {file_size} bytes, too small for a model header")
-        magic = int.from_bytes(head[:4], sys.byteorder)
-        if magic == V1_MAGIC:
-            if len(head) < V1_HEADER_SIZE:
-                raise LlamaError(f"{path}: file is {file_size} bytes, too small for a v1 header")
-            version = int.from_bytes(head[4:8], sys.byteorder, signed=True)
-            if version == 2:
-                raise LlamaError(f"{path}: is a version 2 (int8 Q8_0) file: run it with runq")
-            if version != 1:
-                raise LlamaError(f"{path}: unsupported file version {version} (run reads v0 and v1)")
-            ints = [int.from_bytes(head[8 + 4 * i:12 + 4 * i], sys.byteorder, signed=True) for i in range(7)]
-            shared_weights = head[36] != 0
-            header_size = V1_HEADER_SIZE
-        else:
-            version = 0
-            ints = [int.from_bytes(head[4 * i:4 * i + 4], sys.byteorder, signed=True) for i in range(7)]
-            # negative vocab size is hacky way of signaling unshared weights. bit yikes.
-            shared_weights = ints[5] > 0
-            ints[5] = abs(ints[5])
-            header_size = V0_HEADER_SIZE
-        config = dict(zip(CONFIG_FIELDS, ints))
-        check_config(config, path)
-        expected = header_size + weights_nbytes(config, version, shared_weights)
-        if file_size != expected:
-            raise LlamaError(f"{path}: file is {file_size} bytes but its v{version} header "
-                             f"({', '.join(f'{k}={v}' for k, v in config.items())}) needs {expected}")
-        t._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    # run.c freads the header and mmaps the file; here map_model checks every size against the
+    # file first, and reads v1 files too (run.c reads v0 only)
+    header, t._mmap = map_model(checkpoint, (0, 1), "run")
     t._data = t._mmap
-    t.c_config = Config(dim=ints[0], hidden_dim=ints[1], n_layers=ints[2], n_heads=ints[3],
-                        n_kv_heads=ints[4], vocab_size=ints[5], seq_len=ints[6])
-    t.version = version
-    t.shared_weights = shared_weights
-    t.file_size = file_size
-    cdef float* weights_ptr = <float*>&t._data[<Py_ssize_t>header_size]
-    if version == 0:
-        memory_map_weights(&t.c_weights, &t.c_config, weights_ptr, shared_weights)
+    t.c_config = header.config
+    t.version = header.version
+    t.shared_weights = header.shared_classifier
+    t.file_size = len(t._mmap)
+    cdef float* weights_ptr = <float*>&t._data[<Py_ssize_t>header.size]
+    if t.version == 0:
+        memory_map_weights(&t.c_weights, &t.c_config, weights_ptr, t.shared_weights)
     else:
-        memory_map_weights_v1(&t.c_weights, &t.c_config, weights_ptr, shared_weights)
+        memory_map_weights_v1(&t.c_weights, &t.c_config, weights_ptr, t.shared_weights)
 
 cdef build_transformer(Transformer t, checkpoint_path):
     # read in the Config and the Weights from the checkpoint
@@ -547,6 +449,8 @@ cdef class Tokenizer:
         """Token ids of `text` (str or bytes), with BOS (1) and EOS (2) as asked."""
         if isinstance(text, str):
             text = text.encode("utf-8", "surrogateescape")
+        if b"\0" in text:  # a C string would end there, and the rest be silently dropped
+            raise ValueError("text holds a NUL byte, which the tokenizer cannot encode")
         return encode(self, text, bos, eos)
 
     def decode(self, int prev_token, int token):
@@ -633,37 +537,6 @@ cdef void free_tokenizer(Tokenizer t) noexcept:
     t.vocab_scores = NULL
     t.sorted_vocab = NULL
 
-cdef int parse_byte_piece(const char* piece, unsigned char* byte_val) noexcept nogil:
-    # what sscanf(piece, "<0x%02hhX>", &byte_val) == 1 accepts in run.c: "<0x", then a hex number
-    # of at most two characters (after optional white space; a sign counts in the width)
-    if piece[0] != c'<' or piece[1] != c'0' or piece[2] != c'x':
-        return 0
-    cdef const char* c = piece + 3
-    while c[0] == c' ' or (c'\t' <= c[0] <= c'\r'):
-        c += 1
-    cdef int width = 2, negative = 0, digits = 0, value = 0, d
-    if c[0] == c'+' or c[0] == c'-':
-        negative = c[0] == c'-'
-        c += 1
-        width -= 1
-    while width > 0:
-        if c'0' <= c[0] <= c'9':
-            d = c[0] - c'0'
-        elif c'a' <= c[0] <= c'f':
-            d = c[0] - c'a' + 10
-        elif c'A' <= c[0] <= c'F':
-            d = c[0] - c'A' + 10
-        else:
-            break
-        value = value * 16 + d
-        digits += 1
-        width -= 1
-        c += 1
-    if digits == 0:
-        return 0
-    byte_val[0] = <unsigned char>(-value if negative else value)
-    return 1
-
 cdef const char* decode(Tokenizer t, int prev_token, int token) noexcept:
     cdef const char* piece = t.vocab[token]
     # following BOS (1) token, sentencepiece decoder strips any leading whitespace (see PR #89)
@@ -672,7 +545,7 @@ cdef const char* decode(Tokenizer t, int prev_token, int token) noexcept:
     # careful, some tokens designate raw bytes, and look like e.g. '<0x01>'
     # parse this and convert and return the actual byte
     cdef unsigned char byte_val
-    if parse_byte_piece(piece, &byte_val) == 1:
+    if sscanf(piece, "<0x%02hhX>", &byte_val) == 1:
         piece = <const char*>t.byte_pieces + byte_val * 2
     return piece
 
@@ -701,14 +574,28 @@ cdef void safe_printf(const char* piece) except *:
         write_stdout(piece, strlen(piece))
 
 cdef void write_stdout(const char* data, size_t n) except *:
-    # printf + fflush of run.c; a closed pipe (`| head`) surfaces as BrokenPipeError, not as
-    # output silently lost
+    # printf of run.c, which ignores write errors: a closed pipe (`| head`) raises
+    # BrokenPipeError (main stops quietly), any other (a full disk) an OSError main reports
     if n and fwrite(data, 1, n, stdout) != n:
-        raise BrokenPipeError()
+        raise_stdout_error()
 
 cdef void flush_stdout() except *:
     if fflush(stdout) != 0:
-        raise BrokenPipeError()
+        raise_stdout_error()
+
+cdef void raise_stdout_error() except *:
+    cdef int error = errno or EIO
+    if error == EPIPE:
+        raise BrokenPipeError(error, os.strerror(error), "<stdout>")
+    raise OSError(error, os.strerror(error), "<stdout>")
+
+def flush_quietly():
+    # what main flushes before it reports Ctrl-C: whatever can still be written
+    fflush(stdout)
+
+def printable(bytes piece):
+    """Whether safe_printf prints piece (the Python API's filter)."""
+    return printable_piece(piece)
 
 cdef int str_lookup(const char* str, TokenIndex* sorted_vocab, int vocab_size) noexcept:
     # efficiently find the perfect match for str in vocab, return its index or -1 if not found
@@ -1014,67 +901,58 @@ def time_in_ms():
 # ----------------------------------------------------------------------------
 # generation loop
 
-cdef class Generation:
-    """run.c's generate() loop as an iterator: each step yields the bytes that step prints."""
-    cdef object transformer  # anything with .config and .forward(token, pos) -> float32 logits
-    cdef Tokenizer tokenizer
-    cdef Sampler sampler
-    cdef list prompt_tokens
-    cdef int num_prompt_tokens
-    cdef readonly int steps
-    cdef readonly int pos  # forward passes done so far
-    cdef int token  # the token fed at pos
-    cdef readonly long long start  # time of the first token, for the tok/s report
+def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int steps):
+    """run.c's generate() as a generator: it yields each piece's bytes where run.c prints them
+    (print_generation prints them for the command line; the API decodes them), and returns the
+    achieved tok/s (None under two tokens)."""
+    if prompt is None:
+        prompt = b""
+    elif isinstance(prompt, str):
+        prompt = prompt.encode("utf-8", "surrogateescape")
 
-    def __init__(self, transformer, Tokenizer tokenizer, Sampler sampler, prompt, int steps):
-        if prompt is None:
-            prompt = b""
-        elif isinstance(prompt, str):
-            prompt = prompt.encode("utf-8", "surrogateescape")
-        # encode the (string) prompt into tokens sequence
-        self.prompt_tokens = encode(tokenizer, prompt, 1, 0)
-        self.num_prompt_tokens = len(self.prompt_tokens)
-        self.transformer = transformer
-        self.tokenizer = tokenizer
-        self.sampler = sampler
-        self.steps = steps
-        self.token = self.prompt_tokens[0]  # kick off with the first token in the prompt
-        self.pos = 0  # position in the sequence
-        self.start = 0  # used to time our code, only initialized after first iteration
+    # encode the (string) prompt into tokens sequence
+    cdef list prompt_tokens = encode(tokenizer, prompt, 1, 0)
+    cdef int num_prompt_tokens = len(prompt_tokens)
 
-    def __iter__(self):
-        return self
+    # start the main loop
+    cdef long long start = 0  # used to time our code, only initialized after first iteration
+    cdef int next  # will store the next token in the sequence
+    cdef int token = prompt_tokens[0]  # kick off with the first token in the prompt
+    cdef int pos = 0  # position in the sequence
+    cdef float[::1] logits
+    cdef const char* piece
+    while pos < steps:
 
-    def __next__(self):
-        cdef int next
-        cdef float[::1] logits
-        if self.pos >= self.steps:
-            raise StopIteration
         # forward the transformer to get logits for the next token
-        logits = forward_logits(self.transformer, self.token, self.pos)
+        logits = forward_logits(transformer, token, pos)
 
         # advance the state machine
-        if self.pos < self.num_prompt_tokens - 1:
+        if pos < num_prompt_tokens - 1:
             # if we are still processing the input prompt, force the next prompt token
-            next = self.prompt_tokens[self.pos + 1]
+            next = prompt_tokens[pos + 1]
         else:
             # otherwise sample the next token from the logits
-            next = sample(self.sampler, &logits[0])
-        self.pos += 1
+            next = sample(sampler, &logits[0])
+        pos += 1
 
         # data-dependent terminating condition: the BOS (=1) token delimits sequences
         if next == 1:
-            self.steps = self.pos
-            raise StopIteration
+            break
 
         # print the token as string, decode it with the Tokenizer object
-        piece = decode(self.tokenizer, self.token, next)
-        self.token = next
+        piece = decode(tokenizer, token, next)
+        if printable_piece(piece):  # safe_printf's test; the consumer prints
+            yield <bytes>piece
+        token = next
 
         # init the timer here because the first iteration can be slower
-        if self.start == 0:
-            self.start = time_in_ms()
-        return <bytes>piece if printable_piece(piece) else b""
+        if start == 0:
+            start = time_in_ms()
+
+    # report achieved tok/s (pos-1 because the timer starts after first iteration);
+    # run.c divides by zero when all tokens come within one millisecond
+    if pos > 1:
+        return (pos - 1) / <double>max(time_in_ms() - start, 1) * 1000
 
 cdef float[::1] forward_logits(transformer, int token, int pos):
     # the fp32 Transformer runs forward() in place; other engines (run_cuda) bring their own
@@ -1082,41 +960,32 @@ cdef float[::1] forward_logits(transformer, int token, int pos):
         return <float[:(<Transformer>transformer).c_config.vocab_size]>forward(transformer, token, pos)
     return transformer.forward(token, pos)
 
-def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int steps):
-    """run.c's generate(): prints the continuation of prompt, reports tok/s on stderr."""
-    gen = Generation(transformer, tokenizer, sampler, prompt, steps)
-    for piece in gen:
+def print_generation(pieces):
+    """What run.c's generate() prints: each piece as it comes, a newline, and the tok/s on stderr."""
+    cdef bytes piece
+    while True:
+        try:
+            piece = builtins.next(pieces)
+        except StopIteration as done:
+            tok_per_s = done.value
+            break
         safe_printf(piece)
         flush_stdout()
-        # forward() runs in C without the eval loop: look for Ctrl-C once a token, or it would
-        # only be seen after the last one
+        # forward() runs in C without the eval loop: look for Ctrl-C once a token
         PyErr_CheckSignals()
     write_stdout(b"\n", 1)
     flush_stdout()
-
-    # report achieved tok/s (pos-1 because the timer starts after first iteration)
-    if gen.pos > 1:
-        end = time_in_ms()
-        # run.c divides by zero when all tokens come within one millisecond
-        elapsed = max(end - gen.start, 1)
-        sys.stderr.write("achieved tok/s: %f\n" % ((gen.pos - 1) / elapsed * 1000))
+    if tok_per_s is not None:
+        sys.stderr.write("achieved tok/s: %f\n" % tok_per_s)
 
 def read_stdin(guide):
-    # read a line from stdin; None at end of input. run.c reads into a fixed 512-byte buffer with
-    # fgets, splitting longer lines; here a line is a line, whatever its length
+    # read a line from stdin, after the guide; None at end of input (cli.read_line says how it
+    # differs from run.c's fgets into a 512-byte buffer)
     write_stdout(guide, len(guide))
     flush_stdout()
     # a Ctrl-C that came while the guide was written is seen now, not after the next line
     PyErr_CheckSignals()
-    line = sys.stdin.buffer.readline()
-    # a Ctrl-C whose delivery raced with the end of input (the read returned instead of being
-    # interrupted) is pending here: raise it now, inside main's handler, not after main returned
-    PyErr_CheckSignals()
-    if not line:
-        return None
-    if line.endswith(b"\n"):
-        line = line[:len(line) - 1]  # strip newline
-    return line.split(b"\0", 1)[0]  # a C string ends at the first NUL
+    return read_line()
 
 # ----------------------------------------------------------------------------
 # chat loop
@@ -1198,116 +1067,22 @@ def chat(transformer, Tokenizer tokenizer, Sampler sampler, cli_user_prompt, cli
             flush_stdout()
         if next == 2:
             write_stdout(b"\n", 1)
-        PyErr_CheckSignals()  # Ctrl-C stops at once (see generate)
+        PyErr_CheckSignals()  # Ctrl-C stops at once (see print_generation)
     write_stdout(b"\n", 1)
     flush_stdout()
 
 # ----------------------------------------------------------------------------
-# CLI, include only if not testing
+# CLI: flag parsing, usage text and error reporting are llama2_cython.cli's, shared by run,
+# runq and run_cuda
 
-USAGE = """\
-Usage:   python -m run <checkpoint> [options]
-Example: python -m run model.bin -n 256 -i "Once upon a time"
-Options:
-  -t <float>  temperature in [0,inf], default 1.0
-  -p <float>  p value in top-p (nucleus) sampling in [0,1] default 0.9
-  -s <int>    random seed, default time(NULL)
-  -n <int>    number of steps to run for, default 256. 0 = max_seq_len
-  -i <string> input prompt
-  -z <string> optional path to custom tokenizer
-  -m <string> mode: generate|chat, default: generate
-  -y <string> system prompt in chat mode, default: none
-"""
-
-class UsageError(Exception):
-    """Bad command line: main prints the message (if any) and the usage text."""
-
-def error_usage(message=None):
-    raise UsageError(message)
-
-_INT = re.compile(r"\s*[+-]?\d+\s*\Z")
-
-def parse_float(flag, text):
-    # run.c's atof turns "abc" into 0.0 silently; a value that is not a number is refused
-    try:
-        # CPython's float(), not Cython's inlined parser: under -ffast-math that one turns "nan"
-        # into -1.0
-        value = builtins.float(text)
-    except ValueError:
-        value = None
-    if value is None or math.isnan(value):
-        error_usage(f"{flag} expects a number, got {text!r}")
-    return value
-
-def parse_int(flag, text):
-    # run.c's atoi: decimal int, refused (instead of silently 0) when it is not one
-    if not _INT.match(text) or not -2**31 <= int(text) < 2**31:
-        error_usage(f"{flag} expects an integer, got {text!r}")
-    return int(text)
-
-def parse_args(argv):
-    """run.c's main() argument handling; returns the settings as a dict."""
-    # default parameters
-    args = dict(checkpoint_path=None, tokenizer_path="tokenizer.bin", temperature=1.0, topp=0.9,
-                steps=256, prompt=None, rng_seed=0, mode="generate", system_prompt=None)
-    # poor man's C argparse so we can override the defaults above from the command line
-    if len(argv) >= 2:
-        args["checkpoint_path"] = argv[1]
-    else:
-        error_usage()
-    for i in range(2, len(argv), 2):
-        # do some basic validation
-        if i + 1 >= len(argv):
-            error_usage(f"{argv[i]} needs a value")  # must have arg after flag
-        if argv[i][:1] != "-":
-            error_usage(f"expected a flag, got {argv[i]!r}")  # must start with dash
-        if len(argv[i]) != 2:
-            error_usage(f"unknown flag {argv[i]!r}")  # must be -x (one dash, one letter)
-        flag, value = argv[i], argv[i + 1]
-        # read in the args
-        if flag == "-t":
-            args["temperature"] = parse_float(flag, value)
-        elif flag == "-p":
-            args["topp"] = parse_float(flag, value)
-        elif flag == "-s":
-            # atoi's int lands in an unsigned long long, so -1 is 2^64-1 as in run.c
-            args["rng_seed"] = parse_int(flag, value) & 0xFFFFFFFFFFFFFFFF
-        elif flag == "-n":
-            args["steps"] = parse_int(flag, value)
-        elif flag == "-i":
-            args["prompt"] = os.fsencode(value)  # the bytes the user typed
-        elif flag == "-z":
-            args["tokenizer_path"] = value
-        elif flag == "-m":
-            args["mode"] = value
-        elif flag == "-y":
-            args["system_prompt"] = os.fsencode(value)
-        else:
-            error_usage(f"unknown flag {flag!r}")
-
-    # parameter validation/overrides
-    if args["rng_seed"] <= 0:
-        args["rng_seed"] = <unsigned int>time(NULL)
-    if args["temperature"] < 0.0:
-        args["temperature"] = 0.0
-    if args["topp"] < 0.0 or 1.0 < args["topp"]:
-        args["topp"] = 0.9
-    if args["steps"] < 0:
-        args["steps"] = 0
-    if args["mode"] not in ("generate", "chat"):
-        error_usage(f"unknown mode: {args['mode']}")
-    return args
-
-def main(argv=None, transformer_factory=None):
+def main(argv=None, prog="run", transformer_factory=None):
     """`python -m run model.bin [options]`: run.c's main(). Returns the exit status.
 
-    transformer_factory(path) builds the model (default: Transformer); run_cuda passes its own.
+    prog names the program in messages; transformer_factory(path) builds the model (default:
+    Transformer); run_cuda passes its own.
     """
-    if argv is None:
-        argv = sys.argv
-    prog = "run"
-    try:
-        args = parse_args(argv)
+    with ExitStatus(prog, flush_quietly) as status:
+        args = parse_args(sys.argv if argv is None else argv)
 
         # build the Transformer via the model .bin file
         transformer = (transformer_factory or Transformer)(args["checkpoint_path"])
@@ -1324,90 +1099,7 @@ def main(argv=None, transformer_factory=None):
 
         # run!
         if args["mode"] == "generate":
-            generate(transformer, tokenizer, sampler, args["prompt"], steps)
+            print_generation(generate(transformer, tokenizer, sampler, args["prompt"], steps))
         else:
             chat(transformer, tokenizer, sampler, args["prompt"], args["system_prompt"], steps)
-    except UsageError as e:
-        if e.args and e.args[0]:
-            sys.stderr.write(f"{prog}: {e.args[0]}\n")
-        sys.stderr.write(USAGE)
-        return 1
-    except (LlamaError, ValueError) as e:
-        sys.stderr.write(f"{prog}: {e}\n")
-        return 1
-    except MemoryError as e:
-        sys.stderr.write(f"{prog}: out of memory{': ' + str(e) if str(e) else ''}\n")
-        return 1
-    except BrokenPipeError:
-        # the reader went away (`| head`): stop quietly, as a C program killed by SIGPIPE would;
-        # stdout now goes to devnull so that no flush at exit (libc's or Python's) complains
-        # (https://docs.python.org/3/library/signal.html#note-on-sigpipe)
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError):
-            pass
-        return 141  # 128 + SIGPIPE, the status of `./run | head` in C
-    except KeyboardInterrupt:
-        fflush(stdout)
-        sys.stderr.write(f"\n{prog}: interrupted\n")
-        return 130
-    return 0
-
-# ----------------------------------------------------------------------------
-# Python API: a model and its tokenizer, for Python code that wants no subprocess
-
-class Model:
-    """A model file and its tokenizer, loaded once.
-
-    >>> m = Model("model.bin", "tokenizer.bin")
-    >>> logits = m.forward(1, 0)  # numpy float32 array of vocab_size
-    >>> ids = m.encode("Once upon a time")
-    >>> for text in m.generate("Once upon a time", steps=64, temperature=0.0): print(text, end="")
-    """
-
-    def __init__(self, checkpoint_path, tokenizer_path="tokenizer.bin"):
-        self.transformer = Transformer(checkpoint_path)
-        self.config = self.transformer.config
-        self.tokenizer = Tokenizer(tokenizer_path, self.config["vocab_size"])
-
-    def forward(self, token, pos):
-        """Logits for token at position pos (the KV cache holds positions < pos)."""
-        return self.transformer.forward(token, pos)
-
-    def encode(self, text, bos=True, eos=False):
-        """Token ids of text, as run.c's encode()."""
-        return self.tokenizer.encode(text, bos, eos)
-
-    def decode(self, tokens):
-        """The text that printing tokens one after the other gives (invalid UTF-8 replaced);
-        as in run.c, a piece right after BOS (1) loses its leading space."""
-        pieces = []
-        for prev, token in zip([-1] + list(tokens), tokens):
-            piece = self.tokenizer.decode(prev, token)
-            pieces.append(piece if printable_piece(piece) else b"")
-        return b"".join(pieces).decode("utf-8", "replace")
-
-    def generate(self, prompt=None, steps=256, temperature=1.0, topp=0.9, seed=None):
-        """Yields the generated text piece by piece, exactly what `python -m run` prints.
-
-        steps, temperature, topp and seed mean what -n, -t, -p and -s mean on the command line.
-        """
-        import codecs
-        if isinstance(prompt, str):
-            prompt = prompt.encode("utf-8", "surrogateescape")
-        seq_len = self.config["seq_len"]
-        steps = seq_len if steps <= 0 or steps > seq_len else steps
-        seed = <unsigned int>time(NULL) if not seed else seed & 0xFFFFFFFFFFFFFFFF
-        topp = 0.9 if topp < 0.0 or topp > 1.0 else topp
-        sampler = Sampler(self.config["vocab_size"], max(temperature, 0.0), topp, seed)
-        # a UTF-8 character can be split over byte tokens: yield whole characters only
-        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        for piece in Generation(self.transformer, self.tokenizer, sampler, prompt, steps):
-            text = utf8.decode(piece)
-            if text:
-                yield text
-        text = utf8.decode(b"", final=True)
-        if text:
-            yield text
+    return status.code

@@ -18,6 +18,7 @@ import runq
 from run import _run
 from runq import _runq
 from conftest import REPO, TESTDATA, run_cli
+from llama2_cython import formats
 
 TOK = TESTDATA / "tok512.bin"
 MODELS = {"run": TESTDATA / "tiny_mha.bin", "runq": TESTDATA / "tiny_mha_q80.bin"}
@@ -172,19 +173,19 @@ def v1_like(path, **changes):
     """The bytes of a v1/v2 file with some header ints changed."""
     data = bytearray(path.read_bytes())
     for name, value in changes.items():
-        struct.pack_into("i", data, 8 + 4 * _run.CONFIG_FIELDS.index(name), value)
+        struct.pack_into("i", data, 8 + 4 * formats.CONFIG_FIELDS.index(name), value)
     return bytes(data)
 
 
 @pytest.mark.parametrize("module", ["run", "runq"])
 def test_seq_len_over_the_limit_is_named(tmp_path, module):
     source = TESTDATA / ("tiny_mha.v1.bin" if module == "run" else "tiny_mha_q80.bin")
-    for seq_len in (MODULES[module].MAX_SEQ_LEN + 1, 2**31 - 1):
+    for seq_len in (formats.MAX_SEQ_LEN + 1, 2**31 - 1):
         path = tmp_path / "m.bin"
         path.write_bytes(v1_like(source, seq_len=seq_len))
         with pytest.raises(MODULES[module].LlamaError, match=r"m\.bin: bad header: seq_len = \d+ is over"):
             MODULES[module].Transformer(str(path))
-    path.write_bytes(v1_like(source, seq_len=MODULES[module].MAX_SEQ_LEN))  # at the limit: fine
+    path.write_bytes(v1_like(source, seq_len=formats.MAX_SEQ_LEN))  # at the limit: fine
     MODULES[module].Transformer(str(path))
 
 
