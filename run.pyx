@@ -6,9 +6,7 @@
 from cython.parallel cimport prange
 from cpython.exc cimport PyErr_CheckSignals
 from libc.math cimport cosf, expf, powf, sinf, sqrtf
-from libc.errno cimport errno, EIO, EPIPE
-from libc.stdio cimport (FILE, fclose, fflush, fopen, fread, fseek, ftell, fwrite, sscanf, stdout,
-                         SEEK_END, SEEK_SET)
+from libc.stdio cimport FILE, fclose, fopen, fread, fseek, ftell, sscanf, SEEK_END, SEEK_SET
 from libc.stdlib cimport bsearch, calloc, free, malloc, qsort
 from libc.string cimport memcpy, memset, strcmp, strlen
 
@@ -449,8 +447,6 @@ cdef class Tokenizer:
         """Token ids of `text` (str or bytes), with BOS (1) and EOS (2) as asked."""
         if isinstance(text, str):
             text = text.encode("utf-8", "surrogateescape")
-        if b"\0" in text:  # a C string would end there, and the rest be silently dropped
-            raise ValueError("text holds a NUL byte, which the tokenizer cannot encode")
         return encode(self, text, bos, eos)
 
     def decode(self, int prev_token, int token):
@@ -573,25 +569,7 @@ cdef void safe_printf(const char* piece) except *:
     if printable_piece(piece):
         write_stdout(piece, strlen(piece))
 
-cdef void write_stdout(const char* data, size_t n) except *:
-    # printf of run.c, which ignores write errors: a closed pipe (`| head`) raises
-    # BrokenPipeError (main stops quietly), any other (a full disk) an OSError main reports
-    if n and fwrite(data, 1, n, stdout) != n:
-        raise_stdout_error()
-
-cdef void flush_stdout() except *:
-    if fflush(stdout) != 0:
-        raise_stdout_error()
-
-cdef void raise_stdout_error() except *:
-    cdef int error = errno or EIO
-    if error == EPIPE:
-        raise BrokenPipeError(error, os.strerror(error), "<stdout>")
-    raise OSError(error, os.strerror(error), "<stdout>")
-
-def flush_quietly():
-    # what main flushes before it reports Ctrl-C: whatever can still be written
-    fflush(stdout)
+include "stdout.pxi"
 
 def printable(bytes piece):
     """Whether safe_printf prints piece (the Python API's filter)."""
@@ -608,6 +586,8 @@ cdef int str_lookup(const char* str, TokenIndex* sorted_vocab, int vocab_size) n
 cdef list encode(Tokenizer t, bytes text, bint bos, bint eos):
     # encode the string text (input) into an upper-bound preallocated tokens[] array
     # bos != 0 means prepend the BOS token (=1), eos != 0 means append the EOS token (=2)
+    if b"\0" in text:  # a C string ends there: the rest would be dropped without a word
+        raise ValueError("text holds a NUL byte, which the tokenizer cannot encode")
     cdef const char* c_text = text
     cdef int i, id, best_id, best_idx
     cdef float best_score
