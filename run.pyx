@@ -291,6 +291,8 @@ cdef void matmul(float* xout, const float* x, const float* w, int n, int d) noex
     for i in prange(d, schedule="static"):
         val = 0.0
         for j in range(n):
+            # not `val += ...`: inside prange Cython takes += as a reduction across the loop's
+            # threads and then refuses the reset above; this form keeps val private to the row
             val = val + w[i * n + j] * x[j]
         xout[i] = val
 
@@ -363,7 +365,7 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
                 # calculate the attention score as the dot product of q and k
                 score = 0.0
                 for i in range(head_size):
-                    score = score + q[i] * k[i]
+                    score = score + q[i] * k[i]  # not +=, which prange takes as a reduction
                 score = score / sqrtf(head_size)
                 # save the score to the attention buffer
                 att[t] = score

@@ -519,7 +519,7 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
                 # calculate the attention score as the dot product of q and k
                 score = 0.0
                 for i in range(head_size):
-                    score = score + q[i] * k[i]
+                    score = score + q[i] * k[i]  # not +=, which prange takes as a reduction
                 score = score / sqrtf(head_size)
                 # save the score to the attention buffer
                 att[t] = score
