@@ -3,6 +3,7 @@
 # run.c. Sections, names and order follow run.c so the two read side by side; where run.c crashes
 # or computes garbage on bad input, this file refuses with a clear message instead (comments say where).
 
+cimport cython
 from cython.parallel cimport prange
 from cpython.exc cimport PyErr_CheckSignals
 from libc.math cimport cosf, expf, powf, sinf, sqrtf
@@ -13,10 +14,12 @@ from libc.string cimport memcpy, memset, strcmp, strlen
 import builtins
 import os
 import sys
+import threading
 import time as _pytime
 
 # what has no twin in run.c is written once for run, runq and run_cuda (llama2_cython/)
 from llama2_cython import LlamaError
+from llama2_cython.api import exclusive_state
 from llama2_cython.cli import ExitStatus, parse_args, read_line
 from llama2_cython.formats import map_model
 
@@ -70,6 +73,7 @@ cdef struct RunState:
     float* value_cache  # (layer, seq_len, dim)
 
 
+@cython.no_gc_clear  # __dealloc__ needs weights_owner: the GC must not clear it first
 cdef class Transformer:
     """A llama2.c model file (v0 legacy or v1), memory-mapped, with its run state (KV cache)."""
     # run.c's config and weights; `config` and `weights` are their Python views (properties below)
@@ -82,9 +86,31 @@ cdef class Transformer:
     cdef object _mmap  # the memory map keeps the weights' pages alive
     cdef const unsigned char[::1] _data  # the mapped bytes, for their address
     cdef readonly str checkpoint_path
+    # what is not in run.c's struct: a Transformer made by with_new_state() shares the weights of
+    # the one that loaded them (weights_owner keeps it alive), and state_lock keeps two threads
+    # or two generations from running on one run state at once (exclusive_state)
+    cdef Transformer weights_owner
+    cdef readonly object state_lock
 
     def __init__(self, checkpoint_path):
         build_transformer(self, checkpoint_path)
+
+    def with_new_state(self):
+        """A Transformer on the same mapped weights with a run state (KV cache) of its own: one
+        per sequence, so that sequences never see each other's activations."""
+        cdef Transformer t = Transformer.__new__(Transformer)
+        t.weights_owner = self.weights_owner or self
+        t.c_config = self.c_config
+        t.c_weights = self.c_weights
+        t._mmap = self._mmap
+        t._data = self._data
+        t.version = self.version
+        t.shared_weights = self.shared_weights
+        t.file_size = self.file_size
+        t.checkpoint_path = self.checkpoint_path
+        t.state_lock = threading.Lock()
+        malloc_run_state(&t.state, &t.c_config)
+        return t
 
     def __dealloc__(self):
         free_run_state(&self.state)
@@ -132,9 +158,10 @@ cdef class Transformer:
         if not 0 <= pos < self.c_config.seq_len:
             raise ValueError(f"pos {pos} is outside the context [0, {self.c_config.seq_len})")
         cdef float* logits
-        with nogil:
-            logits = forward(self, token, pos)
-        return np.array(<float[:self.c_config.vocab_size]>logits, dtype=np.float32)
+        with exclusive_state(self):
+            with nogil:
+                logits = forward(self, token, pos)
+            return np.array(<float[:self.c_config.vocab_size]>logits, dtype=np.float32)
 
 
 cdef void malloc_run_state(RunState* s, Config* p) except *:
@@ -250,6 +277,7 @@ cdef build_transformer(Transformer t, checkpoint_path):
     t.checkpoint_path = os.fsdecode(checkpoint_path)
     # allocate the RunState buffers
     malloc_run_state(&t.state, &t.c_config)
+    t.state_lock = threading.Lock()
 
 # ----------------------------------------------------------------------------
 # neural net blocks; the dynamics of the Transformer
@@ -903,33 +931,35 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
     cdef int pos = 0  # position in the sequence
     cdef float[::1] logits
     cdef const char* piece
-    while pos < steps:
+    # no other thread or generation may run on this run state (KV cache) meanwhile
+    with exclusive_state(transformer):
+        while pos < steps:
 
-        # forward the transformer to get logits for the next token
-        logits = forward_logits(transformer, token, pos)
+            # forward the transformer to get logits for the next token
+            logits = forward_logits(transformer, token, pos)
 
-        # advance the state machine
-        if pos < num_prompt_tokens - 1:
-            # if we are still processing the input prompt, force the next prompt token
-            next = prompt_tokens[pos + 1]
-        else:
-            # otherwise sample the next token from the logits
-            next = sample(sampler, &logits[0])
-        pos += 1
+            # advance the state machine
+            if pos < num_prompt_tokens - 1:
+                # if we are still processing the input prompt, force the next prompt token
+                next = prompt_tokens[pos + 1]
+            else:
+                # otherwise sample the next token from the logits
+                next = sample(sampler, &logits[0])
+            pos += 1
 
-        # data-dependent terminating condition: the BOS (=1) token delimits sequences
-        if next == 1:
-            break
+            # data-dependent terminating condition: the BOS (=1) token delimits sequences
+            if next == 1:
+                break
 
-        # print the token as string, decode it with the Tokenizer object
-        piece = decode(tokenizer, token, next)
-        if printable_piece(piece):  # safe_printf's test; the consumer prints
-            yield <bytes>piece
-        token = next
+            # print the token as string, decode it with the Tokenizer object
+            piece = decode(tokenizer, token, next)
+            if printable_piece(piece):  # safe_printf's test; the consumer prints
+                yield <bytes>piece
+            token = next
 
-        # init the timer here because the first iteration can be slower
-        if start == 0:
-            start = time_in_ms()
+            # init the timer here because the first iteration can be slower
+            if start == 0:
+                start = time_in_ms()
 
     # report achieved tok/s (pos-1 because the timer starts after first iteration);
     # run.c divides by zero when all tokens come within one millisecond
@@ -989,67 +1019,69 @@ def chat(transformer, Tokenizer tokenizer, Sampler sampler, cli_user_prompt, cli
     cdef int next = 0  # will store the next token in the sequence
     cdef int token  # stores the current token to feed into the transformer
     cdef int pos = 0  # position in the sequence
-    while pos < steps:
+    # no other thread or generation may run on this run state (KV cache) meanwhile
+    with exclusive_state(transformer):
+        while pos < steps:
 
-        # when it is the user's turn to contribute tokens to the dialog...
-        if user_turn:
-            # get the (optional) system prompt at position 0
-            if pos == 0:
-                # at position 0, the user can also contribute a system prompt
-                if cli_system_prompt is None:
-                    # system prompt was not passed in, attempt to get it from stdin
-                    system_prompt = read_stdin(b"Enter system prompt (optional): ") or b""
+            # when it is the user's turn to contribute tokens to the dialog...
+            if user_turn:
+                # get the (optional) system prompt at position 0
+                if pos == 0:
+                    # at position 0, the user can also contribute a system prompt
+                    if cli_system_prompt is None:
+                        # system prompt was not passed in, attempt to get it from stdin
+                        system_prompt = read_stdin(b"Enter system prompt (optional): ") or b""
+                    else:
+                        # system prompt was passed in, use it
+                        system_prompt = cli_system_prompt
+                # get the user prompt
+                if pos == 0 and cli_user_prompt is not None:
+                    # user prompt for position 0 was passed in, use it
+                    user_prompt = cli_user_prompt
                 else:
-                    # system prompt was passed in, use it
-                    system_prompt = cli_system_prompt
-            # get the user prompt
-            if pos == 0 and cli_user_prompt is not None:
-                # user prompt for position 0 was passed in, use it
-                user_prompt = cli_user_prompt
+                    # otherwise get user prompt from stdin
+                    line = read_stdin(b"User: ")
+                    # run.c loops on its stale buffer at end of input until steps run out; the
+                    # conversation simply ends here
+                    if line is None:
+                        break
+                    user_prompt = line
+                # render user/system prompts into the Llama 2 Chat schema
+                if pos == 0 and system_prompt:
+                    rendered_prompt = b"[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]" % (system_prompt, user_prompt)
+                else:
+                    rendered_prompt = b"[INST] %s [/INST]" % user_prompt
+                # encode the rendered prompt into tokens
+                prompt_tokens = encode(tokenizer, rendered_prompt, 1, 0)
+                num_prompt_tokens = len(prompt_tokens)
+                user_idx = 0  # reset the user index
+                user_turn = 0
+                write_stdout(b"Assistant: ", 11)
+
+            # determine the token to pass into the transformer next
+            if user_idx < num_prompt_tokens:
+                # if we are still processing the input prompt, force the next prompt token
+                token = prompt_tokens[user_idx]
+                user_idx += 1
             else:
-                # otherwise get user prompt from stdin
-                line = read_stdin(b"User: ")
-                # run.c loops on its stale buffer at end of input until steps run out; the
-                # conversation simply ends here
-                if line is None:
-                    break
-                user_prompt = line
-            # render user/system prompts into the Llama 2 Chat schema
-            if pos == 0 and system_prompt:
-                rendered_prompt = b"[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]" % (system_prompt, user_prompt)
-            else:
-                rendered_prompt = b"[INST] %s [/INST]" % user_prompt
-            # encode the rendered prompt into tokens
-            prompt_tokens = encode(tokenizer, rendered_prompt, 1, 0)
-            num_prompt_tokens = len(prompt_tokens)
-            user_idx = 0  # reset the user index
-            user_turn = 0
-            write_stdout(b"Assistant: ", 11)
+                # otherwise use the next token sampled from previous turn
+                token = next
+            # EOS (=2) token ends the Assistant turn
+            if token == 2:
+                user_turn = 1
 
-        # determine the token to pass into the transformer next
-        if user_idx < num_prompt_tokens:
-            # if we are still processing the input prompt, force the next prompt token
-            token = prompt_tokens[user_idx]
-            user_idx += 1
-        else:
-            # otherwise use the next token sampled from previous turn
-            token = next
-        # EOS (=2) token ends the Assistant turn
-        if token == 2:
-            user_turn = 1
+            # forward the transformer to get logits for the next token
+            logits = forward_logits(transformer, token, pos)
+            next = sample(sampler, &logits[0])
+            pos += 1
 
-        # forward the transformer to get logits for the next token
-        logits = forward_logits(transformer, token, pos)
-        next = sample(sampler, &logits[0])
-        pos += 1
-
-        if user_idx >= num_prompt_tokens and next != 2:
-            # the Assistant is responding, so print its output
-            safe_printf(decode(tokenizer, token, next))
-            flush_stdout()
-        if next == 2:
-            write_stdout(b"\n", 1)
-        PyErr_CheckSignals()  # Ctrl-C stops at once (see print_generation)
+            if user_idx >= num_prompt_tokens and next != 2:
+                # the Assistant is responding, so print its output
+                safe_printf(decode(tokenizer, token, next))
+                flush_stdout()
+            if next == 2:
+                write_stdout(b"\n", 1)
+            PyErr_CheckSignals()  # Ctrl-C stops at once (see print_generation)
     write_stdout(b"\n", 1)
     flush_stdout()
 

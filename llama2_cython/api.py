@@ -2,19 +2,23 @@
 that wants no subprocess. One class serves run (fp32), runq (int8) and run_cuda: each package
 names its engine (the module with Transformer, Tokenizer, Sampler, generate and printable)."""
 import codecs
+import contextlib
 import math
 import numbers
+import threading
 
 from .cli import sampling_overrides, time_seed
 
 
 class Model:
-    """A model file and its tokenizer, loaded once.
+    """A model file and its tokenizer, loaded once. The weights are shared, read-only; every
+    generate() runs on a run state (KV cache) of its own, so generations may be interleaved or
+    run in threads. For your own forward passes, take a Sequence per sequence.
 
     >>> m = Model("model.bin", "tokenizer.bin")
-    >>> logits = m.forward(1, 0)  # numpy float32 array of vocab_size
-    >>> ids = m.encode("Once upon a time")
     >>> for text in m.generate("Once upon a time", steps=64, temperature=0.0): print(text, end="")
+    >>> seq = m.sequence()
+    >>> logits = [seq.forward(token) for token in m.encode("Once upon a time")][-1]
     """
     engine = None  # set by each package: run._run, runq._runq
 
@@ -27,8 +31,13 @@ class Model:
         return self.engine.Transformer(checkpoint_path)
 
     def forward(self, token, pos):
-        """Logits for token at position pos (the KV cache holds positions < pos)."""
+        """Logits for token at position pos on the model's own run state, whose KV cache holds what
+        the positions < pos were fed (one thread at a time: another is refused)."""
         return self.transformer.forward(_index("token", token), _index("pos", pos))
+
+    def sequence(self):
+        """A new Sequence: a run state (KV cache) and a position of its own on these weights."""
+        return Sequence(self)
 
     def encode(self, text, bos=True, eos=False):
         """Token ids of text, as run.c's encode()."""
@@ -57,13 +66,40 @@ class Model:
         sampler = self.engine.Sampler(self.config["vocab_size"], temperature, topp, seed)
         # a UTF-8 character can be split over byte tokens: yield whole characters only
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        for piece in self.engine.generate(self.transformer, self.tokenizer, sampler, prompt, steps):
+        transformer = self.transformer.with_new_state()  # this generation's own KV cache
+        for piece in self.engine.generate(transformer, self.tokenizer, sampler, prompt, steps):
             text = utf8.decode(piece)
             if text:
                 yield text
         text = utf8.decode(b"", final=True)
         if text:
             yield text
+
+
+class Sequence:
+    """One sequence on a Model's shared weights: its own run state (KV cache), allocated once and
+    freed with it, and its position. forward(token) feeds the next position. A sequence is used
+    by one thread at a time: a second one is refused with RuntimeError, never let in."""
+
+    def __init__(self, model):
+        self.model = model
+        self.transformer = model.transformer.with_new_state()
+        self.pos = 0  # the position the next token goes to
+        self._lock = threading.Lock()
+
+    def forward(self, token):
+        """The logits after token, fed at position pos (which then advances)."""
+        token = _index("token", token)
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this Sequence is in use by another thread: give each thread its own")
+        try:
+            if self.pos >= self.model.config["seq_len"]:
+                raise ValueError(f"the sequence is full: seq_len is {self.model.config['seq_len']}")
+            logits = self.transformer.forward(token, self.pos)
+            self.pos += 1
+            return logits
+        finally:
+            self._lock.release()
 
 
 def _index(name, value):
@@ -77,3 +113,22 @@ def _number(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     return float(value)
+
+
+@contextlib.contextmanager
+def exclusive_state(transformer):
+    """Runs the body with transformer's run state (KV cache) to itself, or refuses at once: two
+    threads or two interleaved generations on one state would corrupt each other's numbers
+    without a word. (Transformers that are not run's or runq's bring no lock: nothing to hold.)"""
+    lock = getattr(transformer, "state_lock", None)
+    if lock is None:
+        yield
+        return
+    if not lock.acquire(blocking=False):
+        raise RuntimeError("this Transformer's run state (KV cache) is in use by another forward() "
+                           "or generation; give each sequence or thread its own: Model.sequence(), "
+                           "Transformer.with_new_state()")
+    try:
+        yield
+    finally:
+        lock.release()
