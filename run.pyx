@@ -11,11 +11,22 @@ from libc.stdio cimport FILE, fclose, fopen, fread, fseek, ftell, sscanf, SEEK_E
 from libc.stdlib cimport bsearch, calloc, free, malloc, qsort
 from libc.string cimport memcpy, memset, strcmp, strlen
 
+import array
 import builtins
 import os
 import sys
 import threading
 import time as _pytime
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__)
+    #define prefetch(address) __builtin_prefetch(address)
+    #else
+    #define prefetch(address) ((void)0)
+    #endif
+    """
+    void prefetch(const void* address) noexcept nogil
 
 # what has no twin in run.c is written once for run, runq and run_cuda (llama2_cython/)
 from llama2_cython import LlamaError
@@ -73,6 +84,28 @@ cdef struct RunState:
     float* value_cache  # (layer, seq_len, dim)
 
 
+# forward_batch's buffers (not in run.c: see forward_batch)
+DEF MAX_BATCH = 16  # tokens that go through a layer together
+
+cdef struct BatchEntry:
+    RunState* s  # the sequence's run state: its KV cache, and its logits if wanted
+    int token
+    int pos
+    bint want_logits
+
+cdef struct BatchState:
+    # forward()'s activations, one row per token of the batch
+    float* x  # (MAX_BATCH, dim)
+    float* xb  # (MAX_BATCH, dim)
+    float* xb2  # (MAX_BATCH, dim)
+    float* hb  # (MAX_BATCH, hidden_dim)
+    float* hb2  # (MAX_BATCH, hidden_dim)
+    float* q  # (MAX_BATCH, dim)
+    float* k  # (MAX_BATCH, kv_dim)
+    float* v  # (MAX_BATCH, kv_dim)
+    float* att  # (MAX_BATCH, n_heads, seq_len)
+    float* logits  # (MAX_BATCH, vocab_size)
+
 @cython.no_gc_clear  # __dealloc__ needs weights_owner: the GC must not clear it first
 cdef class Transformer:
     """A llama2.c model file (v0 legacy or v1), memory-mapped, with its run state (KV cache)."""
@@ -80,6 +113,7 @@ cdef class Transformer:
     cdef Config c_config  # the hyperparameters of the architecture (the blueprint)
     cdef TransformerWeights c_weights  # the weights of the model
     cdef RunState state  # buffers for the "wave" of activations in the forward pass
+    cdef BatchState batch  # the same for forward_batch (not in run.c)
     cdef readonly int version  # file format: 0 (legacy) or 1
     cdef readonly bint shared_weights  # the classifier is the token embedding table
     cdef readonly Py_ssize_t file_size  # size of the checkpoint file in bytes
@@ -110,10 +144,12 @@ cdef class Transformer:
         t.checkpoint_path = self.checkpoint_path
         t.state_lock = threading.Lock()
         malloc_run_state(&t.state, &t.c_config)
+        malloc_batch_state(&t.batch, &t.c_config)
         return t
 
     def __dealloc__(self):
         free_run_state(&self.state)
+        free_batch_state(&self.batch)
 
     @property
     def config(self):
@@ -162,6 +198,24 @@ cdef class Transformer:
             with nogil:
                 logits = forward(self, token, pos)
             return np.array(<float[:self.c_config.vocab_size]>logits, dtype=np.float32)
+
+    def forward_prompt(self, tokens, int pos=0):
+        """The logits after feeding tokens at positions pos, pos + 1, ... (a copy): what as many
+        forward() calls give, bit for bit, with the tokens going through each layer together."""
+        import numpy as np
+        cdef int[::1] ids = np.array(tokens, dtype=np.intc).reshape(-1)
+        cdef Py_ssize_t n = ids.shape[0]
+        if n == 0:
+            raise ValueError("no tokens to feed")
+        if not (0 <= np.min(ids) and np.max(ids) < self.c_config.vocab_size):
+            raise ValueError(f"a token is outside the vocabulary [0, {self.c_config.vocab_size})")
+        if not (0 <= pos and pos + n <= self.c_config.seq_len):
+            raise ValueError(f"positions {pos} to {pos + n - 1} are outside the context "
+                             f"[0, {self.c_config.seq_len})")
+        with exclusive_state(self):
+            with nogil:
+                forward_prompt(self, &ids[0], <int>n, pos, False)
+            return np.array(<float[:self.c_config.vocab_size]>self.state.logits, dtype=np.float32)
 
 
 cdef void malloc_run_state(RunState* s, Config* p) except *:
@@ -277,6 +331,7 @@ cdef build_transformer(Transformer t, checkpoint_path):
     t.checkpoint_path = os.fsdecode(checkpoint_path)
     # allocate the RunState buffers
     malloc_run_state(&t.state, &t.c_config)
+    malloc_batch_state(&t.batch, &t.c_config)
     t.state_lock = threading.Lock()
 
 # ----------------------------------------------------------------------------
@@ -450,6 +505,250 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
     # classifier into logits
     matmul(s.logits, x, w.wcls, p.dim, p.vocab_size)
     return s.logits
+
+# ----------------------------------------------------------------------------
+# batched forward: not in run.c, the one deliberate structural addition
+# run.c feeds a prompt one token at a time, so every weight is read from memory once per token.
+# forward_batch takes several tokens through each layer together (a prompt's tokens, or one token
+# of each of several sequences), so that a weight row read from memory serves all of them while it
+# is in cache: prompts go through at the compute speed instead of the memory speed. Each dot
+# product is matmul()'s loop, summed in the same order, and every other step is forward()'s code
+# applied to one token: built with IEEE flags (make run), the logits and KV caches are forward()'s,
+# bit for bit. Under -Ofast they agree to rounding only: fast-math lets gcc compile the same
+# expression differently by its context (rmsnorm's division becomes a hoisted reciprocal in one
+# place and not in another), and no source can pin that down.
+
+cdef void malloc_batch_state(BatchState* b, Config* p) except *:
+    cdef size_t kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
+    b.x = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
+    b.xb = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
+    b.xb2 = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
+    b.hb = <float*>calloc(MAX_BATCH * p.hidden_dim, sizeof(float))
+    b.hb2 = <float*>calloc(MAX_BATCH * p.hidden_dim, sizeof(float))
+    b.q = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
+    b.k = <float*>calloc(MAX_BATCH * kv_dim, sizeof(float))
+    b.v = <float*>calloc(MAX_BATCH * kv_dim, sizeof(float))
+    b.att = <float*>calloc(<size_t>MAX_BATCH * p.n_heads * p.seq_len, sizeof(float))
+    b.logits = <float*>calloc(<size_t>MAX_BATCH * p.vocab_size, sizeof(float))
+    if (not b.x or not b.xb or not b.xb2 or not b.hb or not b.hb2 or not b.q or not b.k or not b.v
+            or not b.att or not b.logits):
+        free_batch_state(b)
+        raise MemoryError("malloc failed for the batch state")
+
+cdef void free_batch_state(BatchState* b) noexcept:
+    free(b.x)
+    free(b.xb)
+    free(b.xb2)
+    free(b.hb)
+    free(b.hb2)
+    free(b.q)
+    free(b.k)
+    free(b.v)
+    free(b.att)
+    free(b.logits)
+    memset(b, 0, sizeof(BatchState))
+
+cdef void matmul_batch(float* xout, const float* x, const float* w, int n, int d, int B) noexcept nogil:
+    # W (d,n) @ x (B,n) -> xout (B,d): matmul() for B vectors, each weight row read once for all
+    # of them. Eight vectors share a pass over the row (eight independent sums keep the FPU busy
+    # and each load of w serves eight products); each sum is matmul()'s loop on its own
+    # accumulator, so it adds the same terms in the same order. The last B % 8 go one by one.
+    cdef Py_ssize_t i, j, b
+    cdef float val, val1, val2, val3, val4, val5, val6, val7
+    cdef const float* wi
+    cdef const float* xb
+    for i in prange(d, schedule="static"):
+        wi = w + i * n
+        # the row after next is on its way from memory while this one is multiplied (the
+        # hardware prefetcher alone leaves the loop waiting on memory here)
+        for j in range(0, n, 16):
+            prefetch(wi + 2 * n + j)
+        b = 0
+        while b + 8 <= B:
+            xb = x + b * n
+            val = 0.0
+            val1 = 0.0
+            val2 = 0.0
+            val3 = 0.0
+            val4 = 0.0
+            val5 = 0.0
+            val6 = 0.0
+            val7 = 0.0
+            for j in range(n):
+                val = val + wi[j] * xb[j]  # not +=: see matmul
+                val1 = val1 + wi[j] * xb[n + j]
+                val2 = val2 + wi[j] * xb[2 * n + j]
+                val3 = val3 + wi[j] * xb[3 * n + j]
+                val4 = val4 + wi[j] * xb[4 * n + j]
+                val5 = val5 + wi[j] * xb[5 * n + j]
+                val6 = val6 + wi[j] * xb[6 * n + j]
+                val7 = val7 + wi[j] * xb[7 * n + j]
+            xout[b * d + i] = val
+            xout[(b + 1) * d + i] = val1
+            xout[(b + 2) * d + i] = val2
+            xout[(b + 3) * d + i] = val3
+            xout[(b + 4) * d + i] = val4
+            xout[(b + 5) * d + i] = val5
+            xout[(b + 6) * d + i] = val6
+            xout[(b + 7) * d + i] = val7
+            b = b + 8
+        while b < B:
+            xb = x + b * n
+            val = 0.0
+            for j in range(n):
+                val = val + wi[j] * xb[j]
+            xout[b * d + i] = val
+            b = b + 1
+
+cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* batch, int B) noexcept nogil:
+    # forward() for B entries at once (B <= MAX_BATCH): each entry's token at its position, on its
+    # run state's KV cache. Entries of one sequence come in position order, so that the keys and
+    # values a token attends to are in its cache by the time attention runs (causal). The logits
+    # of the entries that want them are left in bs.logits, one row each, in entry order.
+    cdef Config* p = &transformer.c_config
+    cdef TransformerWeights* w = &transformer.c_weights
+    cdef int dim = p.dim
+    cdef int kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
+    cdef int kv_mul = p.n_heads // p.n_kv_heads
+    cdef int hidden_dim = p.hidden_dim
+    cdef int head_size = dim // p.n_heads
+    cdef Py_ssize_t l, loff, bh
+    cdef int b, i, h, t, v, rotn, head_dim, pos, n_out
+    cdef float freq, val, fcr, fci, v0, v1, score, a
+    cdef float* x
+    cdef float* vec
+    cdef float* q
+    cdef float* k
+    cdef float* att
+    cdef float* xb
+    cdef float* v_ptr
+    cdef RunState* s
+
+    # copy the token embeddings into x
+    for b in range(B):
+        memcpy(bs.x + b * dim, w.token_embedding_table + <Py_ssize_t>batch[b].token * dim,
+               dim * sizeof(float))
+
+    # forward all the layers
+    for l in range(p.n_layers):
+
+        # attention rmsnorm
+        for b in range(B):
+            rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_att_weight + l * dim, dim)
+
+        # qkv matmuls for these positions
+        loff = l * p.seq_len * kv_dim  # kv cache layer offset for convenience
+        matmul_batch(bs.q, bs.xb, w.wq + l * dim * dim, dim, dim, B)
+        matmul_batch(bs.k, bs.xb, w.wk + l * dim * kv_dim, dim, kv_dim, B)
+        matmul_batch(bs.v, bs.xb, w.wv + l * dim * kv_dim, dim, kv_dim, B)
+
+        # RoPE as in forward(), each token at its position; then key and value into its KV cache
+        for b in range(B):
+            pos = batch[b].pos
+            for i in range(0, dim, 2):
+                head_dim = i % head_size
+                freq = <float>1.0 / powf(<float>10000.0, head_dim / <float>head_size)
+                val = pos * freq
+                fcr = cosf(val)
+                fci = sinf(val)
+                rotn = 2 if i < kv_dim else 1  # how many vectors? 2 = q & k, 1 = q only
+                for v in range(rotn):
+                    vec = bs.q + b * dim if v == 0 else bs.k + b * kv_dim
+                    v0 = vec[i]
+                    v1 = vec[i + 1]
+                    vec[i] = v0 * fcr - v1 * fci
+                    vec[i + 1] = v0 * fci + v1 * fcr
+            s = batch[b].s
+            memcpy(s.key_cache + loff + pos * kv_dim, bs.k + b * kv_dim, kv_dim * sizeof(float))
+            memcpy(s.value_cache + loff + pos * kv_dim, bs.v + b * kv_dim, kv_dim * sizeof(float))
+
+        # multihead attention as in forward(), over all heads of all tokens
+        for bh in prange(B * p.n_heads, schedule="static"):
+            b = bh // p.n_heads
+            h = bh % p.n_heads
+            s = batch[b].s
+            pos = batch[b].pos
+            q = bs.q + b * dim + h * head_size
+            att = bs.att + bh * p.seq_len
+            for t in range(pos + 1):
+                k = s.key_cache + loff + t * kv_dim + (h // kv_mul) * head_size
+                score = 0.0
+                for i in range(head_size):
+                    score = score + q[i] * k[i]  # not +=, which prange takes as a reduction
+                score = score / sqrtf(head_size)
+                att[t] = score
+            softmax(att, pos + 1)
+            xb = bs.xb + b * dim + h * head_size
+            memset(xb, 0, head_size * sizeof(float))
+            for t in range(pos + 1):
+                v_ptr = s.value_cache + loff + t * kv_dim + (h // kv_mul) * head_size
+                a = att[t]
+                for i in range(head_size):
+                    xb[i] = xb[i] + a * v_ptr[i]
+
+        # final matmul to get the output of the attention, and the residual connection
+        matmul_batch(bs.xb2, bs.xb, w.wo + l * dim * dim, dim, dim, B)
+        for b in range(B):
+            x = bs.x + b * dim
+            for i in range(dim):
+                x[i] += bs.xb2[b * dim + i]
+
+        # ffn rmsnorm
+        for b in range(B):
+            rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_ffn_weight + l * dim, dim)
+
+        # w1(x) and w3(x), SwiGLU, w2
+        matmul_batch(bs.hb, bs.xb, w.w1 + l * dim * hidden_dim, dim, hidden_dim, B)
+        matmul_batch(bs.hb2, bs.xb, w.w3 + l * dim * hidden_dim, dim, hidden_dim, B)
+        for b in range(B):
+            swiglu(bs.hb + b * hidden_dim, bs.hb2 + b * hidden_dim, hidden_dim)
+        matmul_batch(bs.xb, bs.hb, w.w2 + l * dim * hidden_dim, hidden_dim, dim, B)
+
+        # residual connection
+        for b in range(B):
+            x = bs.x + b * dim
+            for i in range(dim):
+                x[i] += bs.xb[b * dim + i]
+
+    # final rmsnorm and the classifier, for the entries that want logits (gathered in xb)
+    n_out = 0
+    for b in range(B):
+        if batch[b].want_logits:
+            x = bs.x + b * dim
+            rmsnorm(x, x, w.rms_final_weight, dim)  # in place, as in forward()
+            memcpy(bs.xb + n_out * dim, x, dim * sizeof(float))
+            n_out += 1
+    matmul_batch(bs.logits, bs.xb, w.wcls, p.dim, p.vocab_size, n_out)
+
+cdef void swiglu(float* hb, const float* hb2, int hidden_dim) noexcept nogil:
+    # forward()'s SwiGLU loop for one token of a batch
+    cdef int i
+    cdef float val
+    for i in range(hidden_dim):
+        val = hb[i]
+        val *= (<float>1.0 / (<float>1.0 + expf(-val)))
+        val *= hb2[i]
+        hb[i] = val
+
+cdef void forward_prompt(Transformer transformer, const int* tokens, int n, int pos,
+                         bint all_logits) noexcept nogil:
+    # tokens[0..n) at positions pos.. on the transformer's own run state, MAX_BATCH at a time.
+    # The last token's logits go to its state (s.logits), as n calls of forward() leave them; with
+    # all_logits (n <= MAX_BATCH), every token's logits stay in the batch state's rows instead
+    cdef BatchEntry batch[MAX_BATCH]
+    cdef int start = 0, B, b
+    while start < n:
+        B = min(MAX_BATCH, n - start)
+        for b in range(B):
+            batch[b].s = &transformer.state
+            batch[b].token = tokens[start + b]
+            batch[b].pos = pos + start + b
+            batch[b].want_logits = all_logits or start + b == n - 1
+        forward_batch(transformer, &transformer.batch, batch, B)
+        start += B
+    if not all_logits:
+        memcpy(transformer.state.logits, transformer.batch.logits,
+               transformer.c_config.vocab_size * sizeof(float))
 
 # ----------------------------------------------------------------------------
 # The Byte Pair Encoding (BPE) Tokenizer that translates strings <-> tokens
@@ -913,8 +1212,9 @@ def time_in_ms():
 
 def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int steps):
     """run.c's generate() as a generator: it yields each piece's bytes where run.c prints them
-    (print_generation prints them for the command line; the API decodes them), and returns the
-    achieved tok/s (None under two tokens)."""
+    (print_generation prints them for the command line; the API decodes them). It returns what
+    print_generation reports: (tok/s of the tokens fed one at a time after the first, or None;
+    the number of prompt tokens fed together, and their tok/s)."""
     if prompt is None:
         prompt = b""
     elif isinstance(prompt, str):
@@ -931,12 +1231,21 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
     cdef int pos = 0  # position in the sequence
     cdef float[::1] logits
     cdef const char* piece
+    cdef long long prefill_start
+    cdef int prefilled
+    cdef double prefill_ms
     # no other thread or generation may run on this run state (KV cache) meanwhile
     with exclusive_state(transformer):
+        # not in run.c: the prompt tokens whose logits go unused (all but the last) go through
+        # the model together first (forward_batch); the loop below skips their forward()
+        prefill_start = time_in_ms()
+        prefilled = prefill(transformer, prompt_tokens, min(num_prompt_tokens - 1, steps))
+        prefill_ms = time_in_ms() - prefill_start
         while pos < steps:
 
             # forward the transformer to get logits for the next token
-            logits = forward_logits(transformer, token, pos)
+            if pos >= prefilled:
+                logits = forward_logits(transformer, token, pos)
 
             # advance the state machine
             if pos < num_prompt_tokens - 1:
@@ -958,13 +1267,26 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
             token = next
 
             # init the timer here because the first iteration can be slower
-            if start == 0:
+            if start == 0 and pos > prefilled:
                 start = time_in_ms()
 
-    # report achieved tok/s (pos-1 because the timer starts after first iteration);
-    # run.c divides by zero when all tokens come within one millisecond
-    if pos > 1:
-        return (pos - 1) / <double>max(time_in_ms() - start, 1) * 1000
+    # report achieved tok/s (pos-1 because the timer starts after first iteration; the prefilled
+    # tokens apart); run.c divides by zero when all tokens come within one millisecond
+    tok_per_s = None
+    if pos - prefilled > 1:
+        tok_per_s = (pos - prefilled - 1) / <double>max(time_in_ms() - start, 1) * 1000
+    return tok_per_s, prefilled, prefilled / max(prefill_ms, 1) * 1000
+
+cdef int prefill(transformer, list tokens, int n) except -1:
+    # tokens[0..n) at positions 0..n-1 through forward_batch: the KV cache that n forward() calls
+    # leave. Returns n, or 0 for an engine without a batched forward (run_cuda)
+    if n <= 0 or not isinstance(transformer, Transformer):
+        return 0
+    cdef int[::1] ids = array.array("i", tokens[:n])
+    cdef Transformer t = transformer
+    with nogil:
+        forward_prompt(t, &ids[0], n, 0, False)
+    return n
 
 cdef float[::1] forward_logits(transformer, int token, int pos):
     # the fp32 Transformer runs forward() in place; other engines (run_cuda) bring their own
@@ -973,13 +1295,14 @@ cdef float[::1] forward_logits(transformer, int token, int pos):
     return transformer.forward(token, pos)
 
 def print_generation(pieces):
-    """What run.c's generate() prints: each piece as it comes, a newline, and the tok/s on stderr."""
+    """What run.c's generate() prints: each piece as it comes, a newline, and the tok/s on stderr
+    (with, apart, the prompt tokens that went through the model together)."""
     cdef bytes piece
     while True:
         try:
             piece = builtins.next(pieces)
         except StopIteration as done:
-            tok_per_s = done.value
+            tok_per_s, prefilled, prefill_tok_per_s = done.value
             break
         safe_printf(piece)
         flush_stdout()
@@ -987,8 +1310,12 @@ def print_generation(pieces):
         PyErr_CheckSignals()
     write_stdout(b"\n", 1)
     flush_stdout()
-    if tok_per_s is not None:
-        sys.stderr.write("achieved tok/s: %f\n" % tok_per_s)
+    if tok_per_s is not None or prefilled:
+        sys.stderr.write("achieved tok/s: %f" % (tok_per_s or 0.0))
+        if prefilled:
+            sys.stderr.write(" (after a prompt of %d tokens fed together at %f tok/s)"
+                             % (prefilled, prefill_tok_per_s))
+        sys.stderr.write("\n")
 
 def read_stdin(guide):
     # read a line from stdin, after the guide; None at end of input (cli.read_line says how it
