@@ -1478,6 +1478,20 @@ def read_stdin(guide):
 # python reference and that seemed ok, but this was not thoroughly tested and
 # is not safely implemented, it's more a proof of concept atm.
 
+cdef int prompt_chunk(Transformer transformer, list tokens, int start, int n, int pos) except -1:
+    # tokens[start..start+n) at positions pos.., at most MAX_BATCH of them, through forward_batch,
+    # their logits left in the batch state (batch_logits); returns how many went
+    n = min(n, MAX_BATCH)
+    cdef int[::1] ids = array.array("i", tokens[start:start + n])
+    with nogil:
+        forward_prompt(transformer, &ids[0], n, pos, True)
+    return n
+
+cdef float[::1] batch_logits(Transformer transformer, int row):
+    # the logits of the row-th token of the last prompt_chunk
+    cdef int vocab_size = transformer.c_config.vocab_size
+    return <float[:vocab_size]>(transformer.batch.logits + <Py_ssize_t>row * vocab_size)
+
 def chat(transformer, Tokenizer tokenizer, Sampler sampler, cli_user_prompt, cli_system_prompt,
          int steps):
     # buffers for reading the system prompt and user prompt from stdin
@@ -1486,6 +1500,8 @@ def chat(transformer, Tokenizer tokenizer, Sampler sampler, cli_user_prompt, cli
     cdef int num_prompt_tokens = 0
     cdef int user_idx = 0
     cdef float[::1] logits
+    cdef bint from_prompt  # the token fed is one of the turn's prompt tokens
+    cdef int chunk_start = 0, chunk_end = 0  # the prompt tokens whose logits forward_batch holds
 
     # start the main loop
     cdef bint user_turn = 1  # user starts
@@ -1532,7 +1548,8 @@ def chat(transformer, Tokenizer tokenizer, Sampler sampler, cli_user_prompt, cli
                 write_stdout(b"Assistant: ", 11)
 
             # determine the token to pass into the transformer next
-            if user_idx < num_prompt_tokens:
+            from_prompt = user_idx < num_prompt_tokens
+            if from_prompt:
                 # if we are still processing the input prompt, force the next prompt token
                 token = prompt_tokens[user_idx]
                 user_idx += 1
@@ -1543,8 +1560,17 @@ def chat(transformer, Tokenizer tokenizer, Sampler sampler, cli_user_prompt, cli
             if token == 2:
                 user_turn = 1
 
-            # forward the transformer to get logits for the next token
-            logits = forward_logits(transformer, token, pos)
+            # forward the transformer to get logits for the next token. Not in runq.c: a turn's
+            # prompt tokens go through forward_batch together, MAX_BATCH at a time, each one's
+            # logits kept for its turn in the loop (the sampler draws for every one, as in runq.c)
+            if from_prompt and isinstance(transformer, Transformer):
+                if user_idx == 1 or user_idx > chunk_end:
+                    chunk_start = user_idx - 1
+                    chunk_end = chunk_start + prompt_chunk(transformer, prompt_tokens, chunk_start,
+                                                           min(num_prompt_tokens - chunk_start, steps - pos), pos)
+                logits = batch_logits(transformer, user_idx - 1 - chunk_start)
+            else:
+                logits = forward_logits(transformer, token, pos)
             next = sample(sampler, &logits[0])
             pos += 1
 

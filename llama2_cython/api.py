@@ -18,7 +18,8 @@ class Model:
     >>> m = Model("model.bin", "tokenizer.bin")
     >>> for text in m.generate("Once upon a time", steps=64, temperature=0.0): print(text, end="")
     >>> seq = m.sequence()
-    >>> logits = [seq.forward(token) for token in m.encode("Once upon a time")][-1]
+    >>> logits = seq.feed(m.encode("Once upon a time"))  # the prompt's tokens together
+    >>> logits = seq.forward(int(logits.argmax()))  # then one token at a time
     """
     engine = None  # set by each package: run._run, runq._runq
 
@@ -97,6 +98,24 @@ class Sequence:
                 raise ValueError(f"the sequence is full: seq_len is {self.model.config['seq_len']}")
             logits = self.transformer.forward(token, self.pos)
             self.pos += 1
+            return logits
+        finally:
+            self._lock.release()
+
+    def feed(self, tokens):
+        """The logits after the last of tokens, fed at positions pos, pos + 1, ... together (the
+        batched forward: a prompt at the compute speed); the KV cache then holds them all."""
+        tokens = [_index("token", t) for t in tokens]
+        if not tokens:
+            raise ValueError("no tokens to feed")
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this Sequence is in use by another thread: give each thread its own")
+        try:
+            if self.pos + len(tokens) > self.model.config["seq_len"]:
+                raise ValueError(f"{len(tokens)} tokens from position {self.pos} overflow the "
+                                 f"sequence: seq_len is {self.model.config['seq_len']}")
+            logits = self.transformer.forward_prompt(tokens, self.pos)
+            self.pos += len(tokens)
             return logits
         finally:
             self._lock.release()

@@ -19,6 +19,28 @@ def encode(prog, tokenizer, vocab_size, cases):
     return [tok.encode(case["text"], bool(case["bos"]), bool(case["eos"])) for case in cases]
 
 
+def prefill_vs_forward(prog, model, tokens, sizes):
+    """For each n in sizes: [n, whether forward_prompt(tokens[:n]) gives forward()'s logits after
+    the n-th token bit for bit, their largest difference relative to the logit scale, and the same
+    two for the forward() of tokens[n] that follows (it reads the KV cache the prefill wrote)]."""
+    import numpy as np
+    transformer = importlib.import_module(prog).Transformer(model)
+    serial = [transformer.forward(token, pos) for pos, token in enumerate(tokens)]
+    scale = float(np.abs(np.array(serial)).max())
+    out = []
+    for n in sizes:
+        sequence = transformer.with_new_state()
+        got = sequence.forward_prompt(tokens[:n])
+        row = [n, bool(np.array_equal(got, serial[n - 1])), float(np.abs(got - serial[n - 1]).max()) / scale]
+        if n < len(tokens):
+            after = sequence.forward(tokens[n], n)
+            row += [bool(np.array_equal(after, serial[n])), float(np.abs(after - serial[n]).max()) / scale]
+        else:
+            row += [True, 0.0]
+        out.append(row)
+    return out
+
+
 if __name__ == "__main__":
     root, function = sys.argv[1:]
     sys.path.insert(0, root)

@@ -192,3 +192,20 @@ def test_a_sequence_frees_its_state_with_it(module):
     del m
     gc.collect()
     assert weights.sum() == weights.sum()  # the shared mapping outlives the model while viewed
+
+
+@pytest.mark.parametrize("module", ["run", "runq"])
+def test_sequence_feed_is_forward_token_by_token(module):
+    m = model(module)
+    ids = m.encode("Once upon a time, a little fox saw a big red ball in the park")
+    one_by_one = m.sequence()
+    expected = [one_by_one.forward(t) for t in ids][-1]
+    together = m.sequence()
+    got = together.feed(ids[:5])
+    got = together.feed(ids[5:])  # a second prompt after the first: positions continue
+    assert together.pos == one_by_one.pos == len(ids)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(together.forward(5), one_by_one.forward(5), rtol=0,
+                               atol=1e-5 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="overflow"):
+        together.feed([5] * m.config["seq_len"])
