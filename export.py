@@ -28,6 +28,8 @@ import sys
 
 import numpy as np
 
+from llama2_cython.files import atomic_write, run_command
+
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
 HEADER_SIZE = 256
 CONFIG_KEYS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
@@ -280,8 +282,8 @@ def _config_ints(cfg):
 
 
 def _write_header(fh, version, cfg, shared, extra=b""):
-    fh.write(struct.pack("<Ii7iB", MAGIC, version, *_config_ints(cfg), shared) + extra)
-    fh.write(b"\0" * (HEADER_SIZE - fh.tell()))
+    head = struct.pack("<Ii7iB", MAGIC, version, *_config_ints(cfg), shared) + extra
+    fh.write(head + b"\0" * (HEADER_SIZE - len(head)))  # no tell(): the output may be a pipe
 
 
 def rope_tables(config):
@@ -295,6 +297,9 @@ def rope_tables(config):
     return np.cos(angles), np.sin(angles)
 
 
+# The writers replace path only with a complete file (llama2_cython.files.atomic_write): an error,
+# Ctrl-C or kill part-way leaves the old file as it was.
+
 def write_v0(path, config, weights, shared, log=None):
     """Write the legacy format that upstream run.c reads (version 0)."""
     log = log or _silent
@@ -303,7 +308,7 @@ def write_v0(path, config, weights, shared, log=None):
     header = _config_ints(cfg)
     if not shared:
         header[CONFIG_KEYS.index("vocab_size")] *= -1
-    with open(path, "wb") as fh:
+    with atomic_write(path) as fh:
         fh.write(struct.pack("<7i", *header))
         for name in V0_ORDER:
             _write(fh, weights[name], "<f4")
@@ -320,7 +325,7 @@ def write_v1(path, config, weights, shared, log=None):
     log = log or _silent
     cfg = _check_config(config, "config")
     _check_weights(cfg, weights, shared)
-    with open(path, "wb") as fh:
+    with atomic_write(path) as fh:
         _write_header(fh, 1, cfg, shared)
         for name in NORMS + _tensor_names(shared):
             _write(fh, weights[name], "<f4")
@@ -335,7 +340,7 @@ def write_v2(path, config, weights, shared, group_size=64, *, back_off=True, log
     _check_weights(cfg, weights, shared)
     group_size = choose_group_size(cfg, group_size, back_off)
     max_error = 0.0
-    with open(path, "wb") as fh:
+    with atomic_write(path) as fh:
         _write_header(fh, 2, cfg, shared, struct.pack("<i", group_size))
         for name in NORMS:
             _write(fh, weights[name], "<f4")
@@ -588,9 +593,12 @@ def main(argv=None):
     except (ExportError, OSError) as e:
         print(f"export.py: error: {_message(e)}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print(f"export.py: error: out of memory converting {source_path}", file=sys.stderr)
+        return 1
     print(f"wrote {args.filepath} (version {args.version})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("export.py", main))

@@ -38,5 +38,5 @@ directives = dict(language_level=3, boundscheck=debug, wraparound=debug, cdivisi
 sources = [("run._run", "run.pyx"), ("runq._runq", "runq.pyx")]
 extensions = [extension(name, src) for name, src in sources if os.path.exists(src)]
 
-setup(packages=["run", "runq"], py_modules=["export", "tokenizer"],
+setup(packages=["run", "runq", "llama2_cython"], py_modules=["export", "tokenizer"],
       ext_modules=cythonize(extensions, compiler_directives=directives, build_dir="build", quiet=True))

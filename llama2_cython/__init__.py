@@ -1,0 +1,1 @@
+"""Python helpers shared by the tools around the extensions (export.py, tokenizer.py, train.py)."""
