@@ -6,6 +6,7 @@
 from cython.parallel cimport prange
 from cpython.exc cimport PyErr_CheckSignals
 from libc.math cimport cosf, expf, powf, sinf, sqrtf
+from libc.stdint cimport uint32_t
 from libc.stdio cimport FILE, fclose, fflush, fopen, fread, fseek, ftell, fwrite, stdout, SEEK_END, SEEK_SET
 from libc.stdlib cimport bsearch, calloc, free, malloc, qsort
 from libc.string cimport memcpy, memset, strcmp, strlen
@@ -1048,6 +1049,11 @@ cdef int sample_topp(const float* probabilities, int n, float topp, ProbIndex* p
             n0 += 1
     # libc's qsort, as in run.c: it is not stable, and ties must break the same way
     qsort(probindex, n0, sizeof(ProbIndex), compare)
+    if n0 == 0:
+        # run.c goes on with last_idx = -1 and returns probindex[-1].index, read from before the
+        # array. No probability reaches the cut-off only if all are below (1 - topp) / (n - 1),
+        # which needs topp < 1/n <= the largest probability: the nucleus is that one token.
+        return sample_argmax(probabilities, n)
 
     # truncate the list where cumulative probability exceeds topp
     cdef float cumulative_prob = 0.0
@@ -1078,6 +1084,12 @@ cdef build_sampler(Sampler sampler, int vocab_size, float temperature, float top
     if not sampler.probindex:
         raise MemoryError()
 
+cdef inline bint is_infinite(float x) noexcept nogil:
+    # from the bits: with -Ofast (-ffinite-math-only) gcc folds isinf(x) to false
+    cdef uint32_t bits
+    memcpy(&bits, &x, sizeof(float))
+    return (bits & 0x7FFFFFFF) == 0x7F800000
+
 cdef unsigned int random_u32(unsigned long long* state) noexcept nogil:
     # xorshift rng: https://en.wikipedia.org/wiki/Xorshift#xorshift.2A
     state[0] ^= state[0] >> 12
@@ -1098,8 +1110,17 @@ cdef int sample(Sampler sampler, float* logits) noexcept:
         next = sample_argmax(logits, sampler.vocab_size)
     else:
         # apply the temperature to the logits
-        for q in range(sampler.vocab_size):
-            logits[q] /= sampler.temperature
+        if is_infinite(sampler.temperature):
+            # x / inf is 0 for any finite x: run.c built with -O3 samples uniformly. With -Ofast,
+            # gcc vectorizes the division below as a multiplication by the reciprocal estimate
+            # r = rcpps(t) refined by a Newton step, r * (2 - t * r); for t = inf that is
+            # 0 * (2 - inf * 0) = NaN, so every logit became NaN (top-p then found no candidate,
+            # see sample_topp, and printed <unk> forever). The logits get the 0 they should be.
+            for q in range(sampler.vocab_size):
+                logits[q] = 0.0
+        else:
+            for q in range(sampler.vocab_size):
+                logits[q] /= sampler.temperature
         # apply softmax to the logits to get the probabilities for next token
         softmax(logits, sampler.vocab_size)
         # flip a (float) coin (this is our source of entropy for sampling)
