@@ -8,11 +8,11 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+import export
 from llama2_cython.files import Terminated, atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -300,3 +300,16 @@ def test_train_sigterm_keeps_the_old_model(tmp_path):
         assert (tmp_path / name).read_bytes() == OLD
     assert (tmp_path / "stories_tok.bin").stat().st_size > 0  # finished before the signal
     assert leftovers(tmp_path) == []
+
+
+def test_v0_rope_tables_written_in_blocks(tmp_path):
+    """v0's freq_cis tables go out a block of positions at a time (seq_len can be large): the
+    bytes are those of the whole tables."""
+    config = dict(dim=16, hidden_dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=8,
+                  seq_len=2 * export.ROPE_ROWS + 5)
+    export.write_v0(tmp_path / "m.bin", config, export.random_model(config), True)
+    real, imag = export.rope_tables(config)
+    data = (tmp_path / "m.bin").read_bytes()
+    tables = real.nbytes + imag.nbytes
+    assert data[-tables:] == real.astype("<f4").tobytes() + imag.astype("<f4").tobytes()
+    assert export.read_model(tmp_path / "m.bin")[0] == config
