@@ -22,11 +22,15 @@ import argparse
 import glob
 import json
 import math
+import numbers
 import os
+import re
 import struct
 import sys
 
 import numpy as np
+
+from llama2_cython.files import atomic_write, run_command
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
 HEADER_SIZE = 256
@@ -67,6 +71,8 @@ HF_NAMES = {
     "wcls": "lm_head.weight",
 }
 SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+INT32_MAX = 2**31 - 1  # the header's config values are int32
+ROPE_ROWS = 4096  # v0's RoPE tables are computed and written this many positions at a time
 
 
 class ExportError(ValueError):
@@ -100,15 +106,26 @@ def weight_shapes(config):
     }
 
 
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_config(config, where):
-    """The config as a dict of 7 positive ints that run.c can use; ExportError naming `where`."""
+    """The config as a dict of 7 positive int32s that run.c can use; ExportError naming `where`."""
     try:
-        cfg = {key: int(config[key]) for key in CONFIG_KEYS}
+        cfg = {key: config[key] for key in CONFIG_KEYS}
     except KeyError as e:
         raise ExportError(f"{where}: no {e.args[0]}") from None
+    for key, value in cfg.items():
+        if not _is_int(value):
+            raise ExportError(f"{where}: {key} is {value!r}, not an integer")
+        cfg[key] = int(value)
     bad = [key for key, value in cfg.items() if value <= 0]
     if bad:
         raise ExportError(f"{where}: {', '.join(bad)} must be positive")
+    big = [key for key, value in cfg.items() if value > INT32_MAX]
+    if big:
+        raise ExportError(f"{where}: {', '.join(big)} must fit in an int32 (at most {INT32_MAX})")
     if cfg["dim"] % cfg["n_heads"] or cfg["n_heads"] % cfg["n_kv_heads"]:
         raise ExportError(f"{where}: dim {cfg['dim']} must be a multiple of n_heads "
                           f"{cfg['n_heads']}, and n_heads a multiple of n_kv_heads "
@@ -280,20 +297,24 @@ def _config_ints(cfg):
 
 
 def _write_header(fh, version, cfg, shared, extra=b""):
-    fh.write(struct.pack("<Ii7iB", MAGIC, version, *_config_ints(cfg), shared) + extra)
-    fh.write(b"\0" * (HEADER_SIZE - fh.tell()))
+    head = struct.pack("<Ii7iB", MAGIC, version, *_config_ints(cfg), shared) + extra
+    fh.write(head + b"\0" * (HEADER_SIZE - len(head)))  # no tell(): the output may be a pipe
 
 
-def rope_tables(config):
-    """v0's freq_cis_real and freq_cis_imag tables, computed in float32 in model.py's order.
-    run.c skips them (it computes RoPE itself); upstream's files, written with torch's cos and
-    sin, can differ from these in the last bit."""
+def rope_tables(config, start=0, stop=None):
+    """v0's freq_cis_real and freq_cis_imag tables (rows start..stop, default all seq_len),
+    computed in float32 in model.py's order. run.c skips them (it computes RoPE itself);
+    upstream's files, written with torch's cos and sin, can differ from these in the last bit."""
     head_size = config["dim"] // config["n_heads"]
     inv = 1.0 / (10000.0 ** (np.arange(0, head_size, 2)[: head_size // 2].astype(np.float32)
                              / head_size))
-    angles = np.outer(np.arange(config["seq_len"], dtype=np.float32), inv).astype(np.float32)
+    positions = np.arange(start, config["seq_len"] if stop is None else stop).astype(np.float32)
+    angles = np.outer(positions, inv).astype(np.float32)
     return np.cos(angles), np.sin(angles)
 
+
+# The writers replace path only with a complete file (llama2_cython.files.atomic_write): an error,
+# Ctrl-C or kill part-way leaves the old file as it was.
 
 def write_v0(path, config, weights, shared, log=None):
     """Write the legacy format that upstream run.c reads (version 0)."""
@@ -303,13 +324,17 @@ def write_v0(path, config, weights, shared, log=None):
     header = _config_ints(cfg)
     if not shared:
         header[CONFIG_KEYS.index("vocab_size")] *= -1
-    with open(path, "wb") as fh:
+    with atomic_write(path) as fh:
         fh.write(struct.pack("<7i", *header))
         for name in V0_ORDER:
             _write(fh, weights[name], "<f4")
             log(f"wrote {name} {np.shape(weights[name])}")
-        for table in rope_tables(cfg):
-            _write(fh, table, "<f4")
+        # all of freq_cis_real, then all of freq_cis_imag, a block of rows at a time: seq_len
+        # can be large, and nothing else is sized by it
+        for part in (0, 1):
+            for start in range(0, cfg["seq_len"], ROPE_ROWS):
+                _write(fh, rope_tables(cfg, start, min(start + ROPE_ROWS, cfg["seq_len"]))[part],
+                       "<f4")
         if not shared:
             _write(fh, weights["wcls"], "<f4")
             log(f"wrote wcls {np.shape(weights['wcls'])}")
@@ -320,7 +345,7 @@ def write_v1(path, config, weights, shared, log=None):
     log = log or _silent
     cfg = _check_config(config, "config")
     _check_weights(cfg, weights, shared)
-    with open(path, "wb") as fh:
+    with atomic_write(path) as fh:
         _write_header(fh, 1, cfg, shared)
         for name in NORMS + _tensor_names(shared):
             _write(fh, weights[name], "<f4")
@@ -335,7 +360,7 @@ def write_v2(path, config, weights, shared, group_size=64, *, back_off=True, log
     _check_weights(cfg, weights, shared)
     group_size = choose_group_size(cfg, group_size, back_off)
     max_error = 0.0
-    with open(path, "wb") as fh:
+    with atomic_write(path) as fh:
         _write_header(fh, 2, cfg, shared, struct.pack("<i", group_size))
         for name in NORMS:
             _write(fh, weights[name], "<f4")
@@ -444,35 +469,243 @@ def load_checkpoint(path, log=None):
 
 # ---------------------------------------------------------------------------- Hugging Face
 
+# config.json's sizes, as run.c's Config names them
+HF_SIZES = {"hidden_size": "dim", "intermediate_size": "hidden_dim",
+            "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+            "num_key_value_heads": "n_kv_heads", "vocab_size": "vocab_size",
+            "max_position_embeddings": "seq_len"}
+# the config.json sizes that make each weight's (per-layer) shape
+HF_SHAPE_KEYS = {
+    "token_embedding_table": "[vocab_size, hidden_size]",
+    "rms_att_weight": "[hidden_size]",
+    "wq": "[hidden_size, hidden_size]",
+    "wk": "[num_key_value_heads * head_dim, hidden_size]",
+    "wv": "[num_key_value_heads * head_dim, hidden_size]",
+    "wo": "[hidden_size, hidden_size]",
+    "rms_ffn_weight": "[hidden_size]",
+    "w1": "[intermediate_size, hidden_size]",
+    "w2": "[hidden_size, intermediate_size]",
+    "w3": "[intermediate_size, hidden_size]",
+    "rms_final_weight": "[hidden_size]",
+    "wcls": "[vocab_size, hidden_size]",
+}
+ROPE_THETA = 10000.0  # run.c's RoPE base
+RMS_NORM_EPS = 1e-5  # run.c's RMSNorm epsilon
+# tensors that older transformers saved and that hold nothing but base-10000 RoPE frequencies,
+# compared within two units in the last place of their dtype
+HF_INV_FREQ = "model.layers.{}.self_attn.rotary_emb.inv_freq"
+INV_FREQ_RTOL = {"F64": 3e-7, "F32": 3e-7, "F16": 2e-3, "BF16": 1.6e-2}
+MAX_JSON_BYTES = 100_000_000  # the safetensors format's own limit for its header
+
+
+def _show(value):
+    """A config value as config.json spells it, on one short line."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_json(path, what):
+    if os.path.getsize(path) > MAX_JSON_BYTES:
+        raise ExportError(f"{path}: {os.path.getsize(path)} bytes, too big for a {what}")
+    try:
+        with open(path, "rb") as fh:
+            return json.loads(fh.read())
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"{path}: {what} is not JSON ({reason})") from None
+
+
+def _hf_config(config_path):
+    """(run.c config, tied classifier) from a Hugging Face Llama config.json, in either the
+    transformers 4.x layout (top-level rope_theta, rope_scaling) or the 5.x one
+    (rope_parameters). Everything that llama2.c's format cannot represent is refused, naming the
+    key, and the sizes are checked as JSON integers before anything is allocated."""
+    hf = _read_json(config_path, "config.json")
+    if not isinstance(hf, dict):
+        raise ExportError(f"{config_path}: {_show(hf)} is not a JSON object")
+
+    def refuse(key, reason):
+        raise ExportError(f"{config_path}: {key} is {_show(hf_value(key))}: {reason}")
+
+    def hf_value(key):
+        value = hf
+        for part in key.split("."):
+            value = value[part]
+        return value
+
+    if "model_type" not in hf:
+        raise ExportError(f"{config_path}: no model_type, not a transformers config.json")
+    if hf["model_type"] != "llama":
+        refuse("model_type", "not llama (llama2.c's format holds Llama models only)")
+    if "architectures" in hf and hf["architectures"] not in (None, ["LlamaForCausalLM"]):
+        refuse("architectures", 'not ["LlamaForCausalLM"]')
+
+    sizes = {}
+    for key, name in HF_SIZES.items():
+        value = hf.get(key)
+        if value is None and key == "num_key_value_heads":
+            value = sizes["n_heads"]  # no grouped-query attention
+        elif key not in hf:
+            raise ExportError(f"{config_path}: no {key}")
+        elif not _is_int(value) or not 0 < value <= INT32_MAX:
+            refuse(key, f"not a positive integer (at most {INT32_MAX})")
+        sizes[name] = value
+    cfg = _check_config(sizes, config_path)
+    head_size = cfg["dim"] // cfg["n_heads"]
+    if hf.get("head_dim") not in (None, head_size):
+        refuse("head_dim", f"run.c's head size is hidden_size / num_attention_heads = {head_size}")
+    if head_size % 2:
+        raise ExportError(f"{config_path}: the head size hidden_size / num_attention_heads = "
+                          f"{head_size} is odd; RoPE rotates pairs")
+
+    # what the model computes beyond run.c's fixed Llama 2: each would give other logits
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # two names of x * sigmoid(x)
+        refuse("hidden_act", "run.c's feed-forward is SwiGLU, with silu")
+    for key, part in (("attention_bias", "attention"), ("mlp_bias", "feed-forward")):
+        if hf.get(key, False) is not False:
+            refuse(key, f"run.c's {part} has no biases")
+    if hf.get("rms_norm_eps", RMS_NORM_EPS) != RMS_NORM_EPS:
+        refuse("rms_norm_eps", f"run.c's RMSNorm uses {RMS_NORM_EPS}")
+    if hf.get("rope_theta", ROPE_THETA) != ROPE_THETA:
+        refuse("rope_theta", f"run.c's RoPE base is {ROPE_THETA:g}")
+    scaling = hf.get("rope_scaling")
+    if scaling is not None and scaling not in ({"type": "default"}, {"rope_type": "default"}):
+        refuse("rope_scaling", "run.c has no RoPE scaling")
+    if "rope_parameters" in hf:  # transformers 5.x: the base and any scaling live here
+        rope = hf["rope_parameters"]
+        if not isinstance(rope, dict):
+            refuse("rope_parameters", "not a JSON object")
+        for key, value in rope.items():
+            if key == "rope_theta" and value != ROPE_THETA:
+                refuse("rope_parameters.rope_theta", f"run.c's RoPE base is {ROPE_THETA:g}")
+            elif key == "rope_type" and value != "default":
+                refuse("rope_parameters.rope_type", "run.c has no RoPE scaling")
+            elif key not in ("rope_theta", "rope_type"):
+                refuse(f"rope_parameters.{key}", "run.c has no RoPE scaling")
+    if hf.get("quantization_config") is not None:
+        refuse("quantization_config", "quantized checkpoints are not read, only float tensors")
+    tied = hf.get("tie_word_embeddings", False)  # LlamaConfig's default
+    if not isinstance(tied, bool):
+        refuse("tie_word_embeddings", "not true or false")
+    return cfg, tied
+
+
 def _safetensors_index(path):
     """{tensor name: (path, absolute offset, dtype, shape)} from a .safetensors file's header
-    (8-byte little-endian length, then JSON). Read here rather than with the safetensors package:
-    its NumPy API cannot give bf16 tensors, the usual dtype of Llama checkpoints."""
+    (8-byte little-endian length, then JSON), every entry checked: a float dtype, a shape of
+    non-negative integers, data_offsets that hold exactly that many bytes inside the file and
+    overlap no other tensor's. Read here rather than with the safetensors package: its NumPy
+    API cannot give bf16 tensors, the usual dtype of Llama checkpoints."""
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
         prefix = fh.read(8)
-        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if length is None or not 0 < length <= min(size - 8, MAX_JSON_BYTES):
+            raise ExportError(f"{path}: not a safetensors file (header length {length} in a "
+                              f"file of {size} bytes)")
         try:
-            header = json.loads(fh.read(length)) if 0 < length <= size - 8 else None
-            header.pop("__metadata__", None)
-            entries = [(name, info["dtype"], tuple(info["shape"]), info["data_offsets"][0])
-                       for name, info in header.items()]
-        except (ValueError, LookupError, TypeError, AttributeError):  # a malformed header
-            raise ExportError(f"{path}: not a safetensors file") from None
-    index = {}
-    for name, dtype, shape, begin in entries:
+            header = json.loads(fh.read(length))
+        except (ValueError, RecursionError):
+            raise ExportError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ExportError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    data_start, data_size = 8 + length, size - 8 - length
+    spans, index = [], {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name}"
+        if not isinstance(info, dict):
+            raise ExportError(f"{where} is {_show(info)}, not a tensor's description")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if dtype not in SAFETENSORS_DTYPES:
-            raise ExportError(f"{path}: {name} has dtype {dtype}, not a float type")
-        index[name] = (path, 8 + length + begin, dtype, shape)
+            raise ExportError(f"{where} has dtype {_show(dtype)}, not one of "
+                              f"{', '.join(SAFETENSORS_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+            raise ExportError(f"{where} has shape {_show(shape)}, not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+            raise ExportError(f"{where} has data_offsets {_show(offsets)}, not [begin, end]")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise ExportError(f"{where} has data_offsets {_show(offsets)}, outside the "
+                              f"{data_size} bytes of data in the file")
+        nbytes = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+        if end - begin != nbytes:
+            raise ExportError(f"{where} has data_offsets {_show(offsets)} ({end - begin} bytes) "
+                              f"for shape {shape} in {dtype} ({nbytes} bytes)")
+        if begin < end:
+            spans.append((begin, end, name))
+        index[name] = (path, data_start + begin, dtype, tuple(shape))
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ExportError(f"{path}: tensors {first} and {second} overlap")
+    return index
+
+
+def _hf_tensors(folder, cfg, tied):
+    """The safetensors index of folder's *.safetensors files, checked against the config: every
+    tensor it needs there, with its shape; nothing else (a bias, another layer) but base-10000
+    RoPE frequencies; lm_head.weight exactly when the classifier is not tied."""
+    files = sorted(glob.glob(os.path.join(glob.escape(str(folder)), "*.safetensors")))
+    if not files:
+        raise ExportError(f"{folder}: no *.safetensors files")
+    index = {}
+    for path in files:
+        for name, entry in _safetensors_index(path).items():
+            if name in index:
+                raise ExportError(f"{folder}: tensor {name} is in both {index[name][0]} and {path}")
+            index[name] = entry
+
+    shapes = weight_shapes(cfg)
+    expected = {}  # tensor name: (its key in run.c, its shape)
+    for key, name in HF_NAMES.items():
+        if key not in LAYERED and not (key == "wcls" and tied):
+            expected[name] = key, shapes[key]
+    # layer by layer, so that a config claiming 10^9 layers stops at the first missing tensor
+    for i in range(cfg["n_layers"]):
+        for key in LAYERED:
+            name = HF_NAMES[key].format(i)
+            if name not in index:
+                raise ExportError(f"{folder}: no tensor {name} in the *.safetensors files "
+                                  f"(config.json: num_hidden_layers {cfg['n_layers']})")
+            expected[name] = key, shapes[key][1:]
+    for name, (key, expected_shape) in expected.items():
+        if name not in index:
+            raise ExportError(f"{folder}: no tensor {name} in the *.safetensors files")
+        path, _, _, shape = index[name]
+        if shape != tuple(expected_shape):
+            raise ExportError(f"{path}: tensor {name} has shape {list(shape)}, but config.json's "
+                              f"{HF_SHAPE_KEYS[key]} is {list(expected_shape)}")
+    head_size = cfg["dim"] // cfg["n_heads"]
+    inv_freq = {HF_INV_FREQ.format(i) for i in range(cfg["n_layers"])}
+    for name in sorted(set(index) - set(expected)):
+        path = index[name][0]
+        if name == HF_NAMES["wcls"] and tied:
+            if _load_safetensor(index, name).tobytes() != \
+                    _load_safetensor(index, HF_NAMES["token_embedding_table"]).tobytes():
+                raise ExportError(f"{path}: tensor {name} differs from the embedding table, but "
+                                  f"config.json has tie_word_embeddings true")
+        elif name in inv_freq:
+            inv = 1.0 / (ROPE_THETA ** (np.arange(0, head_size, 2, dtype=np.float32) / head_size))
+            got, rtol = _load_safetensor(index, name), INV_FREQ_RTOL[index[name][2]]
+            if got.shape != inv.shape or not np.allclose(got, inv, rtol=rtol, atol=0):
+                raise ExportError(f"{path}: tensor {name} holds other RoPE frequencies than "
+                                  f"run.c's base {ROPE_THETA:g}")
+        elif name.endswith(".bias"):
+            raise ExportError(f"{path}: tensor {name} is a bias; run.c's layers have none")
+        elif re.match(r"model\.layers\.\d+\.", name):
+            raise ExportError(f"{path}: tensor {name} is not part of config.json's "
+                              f"num_hidden_layers {cfg['n_layers']} Llama layers")
+        else:
+            raise ExportError(f"{path}: tensor {name} has no place in a llama2.c model")
     return index
 
 
 def _load_safetensor(index, name):
-    if name not in index:
-        raise ExportError(f"no tensor {name} in the *.safetensors files")
     path, offset, dtype, shape = index[name]
     raw = np.fromfile(path, SAFETENSORS_DTYPES[dtype], math.prod(shape), offset=offset)
-    if raw.size != math.prod(shape):
+    if raw.size != math.prod(shape):  # the file shrank since its header was read
         raise ExportError(f"{path}: truncated at tensor {name}")
     if dtype == "BF16":  # bfloat16 is the top half of a float32
         return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
@@ -490,46 +723,18 @@ def _unpermute(w, n_heads):
 
 def load_hf(folder, log=None):
     """(config, weights, shared) from a Hugging Face Llama folder: config.json and *.safetensors
-    (float32, float16 or bfloat16)."""
+    (float32, float16 or bfloat16). Converts exactly what transformers' LlamaForCausalLM computes,
+    or refuses (ExportError naming the key or tensor) before reading any weight."""
     log = log or _silent
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise ExportError(f"{folder}: no config.json, not a Hugging Face model folder")
-    try:
-        with open(config_path) as fh:
-            hf = json.load(fh)
-        n_heads = hf["num_attention_heads"]
-        config = dict(dim=hf["hidden_size"], hidden_dim=hf["intermediate_size"],
-                      n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-                      n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-                      vocab_size=hf["vocab_size"], seq_len=hf["max_position_embeddings"])
-    except ValueError as e:
-        raise ExportError(f"{config_path}: not JSON ({e})") from None
-    except KeyError as e:
-        raise ExportError(f"{config_path}: no {e.args[0]}") from None
-    cfg = _check_config(config, config_path)
-    head_size = cfg["dim"] // cfg["n_heads"]
-    if (hf.get("head_dim") or head_size) != head_size or head_size % 2:
-        raise ExportError(f"{config_path}: run.c needs an even head size of dim / n_heads")
-    # run.c hard-codes RoPE base 10000 and RMSNorm epsilon 1e-5: the file runs, computing other
-    # numbers than the model would.
-    for key, run_c_value in (("rope_theta", 10000.0), ("rms_norm_eps", 1e-5)):
-        if hf.get(key, run_c_value) != run_c_value:
-            log(f"warning: {key} is {hf[key]}, run.c uses {run_c_value}")
-    if hf.get("rope_scaling"):
-        log("warning: run.c ignores rope_scaling")
-
-    files = sorted(glob.glob(os.path.join(glob.escape(str(folder)), "*.safetensors")))
-    if not files:
-        raise ExportError(f"{folder}: no *.safetensors files")
-    index = {}
-    for path in files:
-        index.update(_safetensors_index(path))
-    shared = bool(hf.get("tie_word_embeddings")) or "lm_head.weight" not in index
-    weights = _gather(cfg, HF_NAMES, lambda name: _load_safetensor(index, name), shared, log)
+    cfg, tied = _hf_config(config_path)
+    index = _hf_tensors(folder, cfg, tied)
+    weights = _gather(cfg, HF_NAMES, lambda name: _load_safetensor(index, name), tied, log)
     weights["wq"] = _unpermute(weights["wq"], cfg["n_heads"])
     weights["wk"] = _unpermute(weights["wk"], cfg["n_kv_heads"])
-    return cfg, weights, shared
+    return cfg, weights, tied
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -588,9 +793,12 @@ def main(argv=None):
     except (ExportError, OSError) as e:
         print(f"export.py: error: {_message(e)}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print(f"export.py: error: out of memory converting {source_path}", file=sys.stderr)
+        return 1
     print(f"wrote {args.filepath} (version {args.version})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("export.py", main))

@@ -10,7 +10,7 @@ cimport cython
 from cython.parallel cimport prange
 from cpython.exc cimport PyErr_CheckSignals
 from libc.math cimport cosf, expf, fabsf, powf, roundf, sinf, sqrtf
-from libc.stdint cimport int8_t, int16_t, int32_t
+from libc.stdint cimport int8_t, int16_t, int32_t, uint32_t
 from libc.stdio cimport FILE, fclose, fopen, fread, fseek, ftell, sscanf, SEEK_END, SEEK_SET
 from libc.stdlib cimport bsearch, calloc, free, malloc, qsort
 from libc.string cimport memcpy, memset, strcmp, strlen
@@ -1064,12 +1064,17 @@ cdef list encode(Tokenizer t, bytes text, bint bos, bint eos):
     if b"\0" in text:  # a C string ends there: the rest would be dropped without a word
         raise ValueError("text holds a NUL byte, which the tokenizer cannot encode")
     cdef const char* c_text = text
-    cdef int i, id, best_id, best_idx
-    cdef float best_score
+    cdef int i, id, best_idx, right
     cdef size_t str_len = 0
     cdef const char* c
     cdef int n_tokens = 0
     cdef size_t text_len = strlen(c_text)
+    cdef MergeCandidate best
+    cdef int heap_size = 0
+    cdef int steps = 0  # code points read and pairs taken, to look for Ctrl-C now and then
+    if text_len > MAX_ENCODE_BYTES:
+        raise LlamaError(f"the text to encode is {text_len} bytes, more than encode takes "
+                         f"({MAX_ENCODE_BYTES})")
     if t.sorted_vocab == NULL:
         # lazily malloc and sort the vocabulary
         t.sorted_vocab = <TokenIndex*>malloc(t.vocab_size * sizeof(TokenIndex))
@@ -1087,9 +1092,16 @@ cdef list encode(Tokenizer t, bytes text, bint bos, bint eos):
     cdef char* str_buffer = <char*>malloc(buffer_size)
     # +4 for ?BOS, the dummy prefix (up to 1 byte token), ?EOS
     cdef int* tokens = <int*>malloc((text_len + 4) * sizeof(int))
-    if not str_buffer or not tokens:
+    # the merge loop's linked list (prev and next token of each) and heap of candidate pairs
+    cdef int* prev = <int*>malloc((text_len + 4) * sizeof(int))
+    cdef int* next = <int*>malloc((text_len + 4) * sizeof(int))
+    cdef MergeCandidate* heap = <MergeCandidate*>malloc(2 * (text_len + 4) * sizeof(MergeCandidate))
+    if not str_buffer or not tokens or not prev or not next or not heap:
         free(str_buffer)
         free(tokens)
+        free(prev)
+        free(next)
+        free(heap)
         raise MemoryError()
     try:
         # add optional BOS (=1) token, if desired
@@ -1119,7 +1131,7 @@ cdef list encode(Tokenizer t, bytes text, bint bos, bint eos):
                 str_len = 0
 
             # append the current byte to the buffer
-            str_buffer[str_len] = c[0]  # ++ is post-increment, incremented after this line
+            str_buffer[str_len] = c[0]  # runq.c: str_buffer[str_len++] = *c
             str_len += 1
             str_buffer[str_len] = 0
 
@@ -1133,33 +1145,63 @@ cdef list encode(Tokenizer t, bytes text, bint bos, bint eos):
             n_tokens = append_code_point(t, str_buffer, str_len, tokens, n_tokens)
             str_len = 0  # protect against a sequence of stray UTF8 continuation bytes
             c += 1
+            steps += 1
+            if steps == SIGNAL_CHECK_EVERY:
+                steps = 0
+                PyErr_CheckSignals()  # Ctrl-C stops a long prompt at once
 
         # merge the best consecutive pair each iteration, according the scores in vocab_scores
-        while True:
-            best_score = -1e10
-            best_id = -1
-            best_idx = -1
+        # runq.c rescans every pair for each merge:
+        #     while (1) { best_score = -1e10; best_id = -1; best_idx = -1;
+        #         for (int i = 0; i < (n_tokens-1); i++) { ...sprintf the pair, str_lookup it...
+        #             if (id != -1 && vocab_scores[id] > best_score) { record score, id, i } }
+        #         if (best_idx == -1) break;
+        #         tokens[best_idx] = best_id; shift tokens[best_idx+2..] back by one; n_tokens--; }
+        # which is quadratic: a 64 KB prompt takes ~100 s, a 1 MB one hours. Here the same merges
+        # are done in the same order in O(n log n): each pair whose merge exists waits in a heap
+        # ordered as that scan chooses (highest score, then leftmost: the scan's strict > keeps
+        # the first of equal scores), the tokens form a linked list so that a merge deletes a
+        # token without shifting the rest, a merge queues the two pairs it creates with its
+        # neighbours, and queued pairs that a merge has since changed are skipped when they come
+        # out of the heap. Same tokens as runq.c.
+        for i in range(n_tokens):
+            prev[i] = i - 1
+            next[i] = i + 1 if i + 1 < n_tokens else -1
+        for i in range(n_tokens - 1):
+            queue_pair(t, tokens, i, i + 1, str_buffer, buffer_size, heap, &heap_size)
 
-            for i in range(n_tokens - 1):
-                # check if we can merge the pair (tokens[i], tokens[i+1])
-                if not concat_fits(t, tokens[i], tokens[i + 1], str_buffer, buffer_size):
-                    continue
-                id = str_lookup(str_buffer, t.sorted_vocab, t.vocab_size)
-                if id != -1 and t.vocab_scores[id] > best_score:
-                    # this merge pair exists in vocab! record its score and position
-                    best_score = t.vocab_scores[id]
-                    best_id = id
-                    best_idx = i
+        while heap_size > 0:
+            best = heap_pop(heap, &heap_size)
+            steps += 1
+            if steps == SIGNAL_CHECK_EVERY:
+                steps = 0
+                PyErr_CheckSignals()
+            best_idx = best.left
+            right = next[best_idx]
+            if tokens[best_idx] != best.left_id or right == -1 or tokens[right] != best.right_id:
+                continue  # a merge changed this pair after it was queued
 
-            if best_idx == -1:
-                break  # we couldn't find any more pairs to merge, so we're done
-
-            # merge the consecutive pair (best_idx, best_idx+1) into new token best_id
-            tokens[best_idx] = best_id
-            # delete token at position best_idx+1, shift the entire sequence back 1
-            for i in range(best_idx + 1, n_tokens - 1):
-                tokens[i] = tokens[i + 1]
+            # merge the consecutive pair (best_idx, right) into new token best.id
+            tokens[best_idx] = best.id
+            # delete token at position right: unlink it from the list (-1 marks it deleted)
+            tokens[right] = -1
+            next[best_idx] = next[right]
+            if next[right] != -1:
+                prev[next[right]] = best_idx
             n_tokens -= 1  # token length decreased
+            # the new token's pairs with its neighbours may merge in their turn
+            if prev[best_idx] != -1:
+                queue_pair(t, tokens, prev[best_idx], best_idx, str_buffer, buffer_size, heap,
+                           &heap_size)
+            if next[best_idx] != -1:
+                queue_pair(t, tokens, best_idx, next[best_idx], str_buffer, buffer_size, heap,
+                           &heap_size)
+
+        # gather the list back into tokens[0..n_tokens) (the first token is never deleted)
+        right = 0
+        for i in range(n_tokens):
+            tokens[i] = tokens[right]
+            right = next[right]
 
         # add optional EOS (=2) token, if desired
         if eos:
@@ -1170,6 +1212,9 @@ cdef list encode(Tokenizer t, bytes text, bint bos, bint eos):
     finally:
         free(str_buffer)
         free(tokens)
+        free(prev)
+        free(next)
+        free(heap)
     for id in result:
         if id >= t.vocab_size:
             raise LlamaError(f"the prompt needs token {id}, but the vocabulary has only {t.vocab_size}"
@@ -1204,6 +1249,70 @@ cdef bint concat_fits(Tokenizer t, int a, int b, char* str_buffer, size_t buffer
     memcpy(str_buffer, t.vocab[a], la)
     memcpy(str_buffer + la, t.vocab[b], lb + 1)
     return True
+
+# encode's merge loop: a binary heap of the adjacent pairs whose concatenation is a piece
+
+cdef struct MergeCandidate:
+    float score  # vocab_scores[id]
+    int id  # the piece the pair merges into
+    int left  # position of the pair's first token in encode's tokens[] (its list node)
+    int left_id  # the pair's tokens when it was queued: a merge that changed either one makes
+    int right_id  # the entry stale
+
+cdef enum:
+    # encode looks for Ctrl-C once in this many code points and heap entries
+    SIGNAL_CHECK_EVERY = 1 << 14
+    # longer texts would overflow encode's int positions (and take 52 bytes of buffers per byte)
+    MAX_ENCODE_BYTES = (1 << 30) - 8
+
+cdef inline bint comes_first(const MergeCandidate* a, const MergeCandidate* b) noexcept nogil:
+    # runq.c's choice among pairs: the highest score, the leftmost of equal scores
+    return a.score > b.score or (a.score == b.score and a.left < b.left)
+
+cdef void heap_push(MergeCandidate* heap, int* size, MergeCandidate item) noexcept nogil:
+    cdef int i = size[0], parent
+    size[0] += 1
+    while i > 0:
+        parent = (i - 1) // 2
+        if not comes_first(&item, &heap[parent]):
+            break
+        heap[i] = heap[parent]
+        i = parent
+    heap[i] = item
+
+cdef MergeCandidate heap_pop(MergeCandidate* heap, int* size) noexcept nogil:
+    cdef MergeCandidate top = heap[0]
+    size[0] -= 1
+    cdef MergeCandidate last = heap[size[0]]
+    cdef int i = 0, child
+    while True:
+        child = 2 * i + 1
+        if child >= size[0]:
+            break
+        if child + 1 < size[0] and comes_first(&heap[child + 1], &heap[child]):
+            child += 1
+        if not comes_first(&heap[child], &last):
+            break
+        heap[i] = heap[child]
+        i = child
+    heap[i] = last
+    return top
+
+cdef void queue_pair(Tokenizer t, const int* tokens, int left, int right, char* str_buffer,
+                     size_t buffer_size, MergeCandidate* heap, int* heap_size) noexcept:
+    # runq.c's test of one pair: the two pieces concatenated are a piece, whose score beats the
+    # initial best_score of -1e10
+    cdef float best_score = -1e10
+    cdef MergeCandidate item
+    if not concat_fits(t, tokens[left], tokens[right], str_buffer, buffer_size):
+        return
+    item.id = str_lookup(str_buffer, t.sorted_vocab, t.vocab_size)
+    if item.id != -1 and t.vocab_scores[item.id] > best_score:
+        item.score = t.vocab_scores[item.id]
+        item.left = left
+        item.left_id = tokens[left]
+        item.right_id = tokens[right]
+        heap_push(heap, heap_size, item)
 
 # ----------------------------------------------------------------------------
 # The Sampler, which takes logits and returns a sampled token
@@ -1281,6 +1390,11 @@ cdef int sample_topp(const float* probabilities, int n, float topp, ProbIndex* p
             n0 += 1
     # libc's qsort, as in runq.c: it is not stable, and ties must break the same way
     qsort(probindex, n0, sizeof(ProbIndex), compare)
+    if n0 == 0:
+        # runq.c goes on with last_idx = -1 and returns probindex[-1].index, read from before the
+        # array. No probability reaches the cut-off only if all are below (1 - topp) / (n - 1),
+        # which needs topp < 1/n <= the largest probability: the nucleus is that one token.
+        return sample_argmax(probabilities, n)
 
     # truncate the list where cumulative probability exceeds topp
     cdef float cumulative_prob = 0.0
@@ -1311,6 +1425,12 @@ cdef build_sampler(Sampler sampler, int vocab_size, float temperature, float top
     if not sampler.probindex:
         raise MemoryError()
 
+cdef inline bint is_infinite(float x) noexcept nogil:
+    # from the bits: with -Ofast (-ffinite-math-only) gcc folds isinf(x) to false
+    cdef uint32_t bits
+    memcpy(&bits, &x, sizeof(float))
+    return (bits & 0x7FFFFFFF) == 0x7F800000
+
 cdef unsigned int random_u32(unsigned long long* state) noexcept nogil:
     # xorshift rng: https://en.wikipedia.org/wiki/Xorshift#xorshift.2A
     state[0] ^= state[0] >> 12
@@ -1331,8 +1451,17 @@ cdef int sample(Sampler sampler, float* logits) noexcept:
         next = sample_argmax(logits, sampler.vocab_size)
     else:
         # apply the temperature to the logits
-        for q in range(sampler.vocab_size):
-            logits[q] /= sampler.temperature
+        if is_infinite(sampler.temperature):
+            # x / inf is 0 for any finite x: runq.c built with -O3 samples uniformly. With -Ofast,
+            # gcc vectorizes the division below as a multiplication by the reciprocal estimate
+            # r = rcpps(t) refined by a Newton step, r * (2 - t * r); for t = inf that is
+            # 0 * (2 - inf * 0) = NaN, so every logit became NaN (top-p then found no candidate,
+            # see sample_topp, and printed <unk> forever). The logits get the 0 they should be.
+            for q in range(sampler.vocab_size):
+                logits[q] = 0.0
+        else:
+            for q in range(sampler.vocab_size):
+                logits[q] /= sampler.temperature
         # apply softmax to the logits to get the probabilities for next token
         softmax(logits, sampler.vocab_size)
         # flip a (float) coin (this is our source of entropy for sampling)

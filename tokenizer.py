@@ -13,15 +13,18 @@ import os
 import struct
 import sys
 
+from llama2_cython.files import atomic_write, run_command
+
 
 class TokenizerError(Exception):
     """Bad input; the CLI prints the message as one line and exits with status 1."""
 
 
 def write_tokenizer(path, pieces, scores):
-    """Write pieces (str) with their scores in run.c's tokenizer format."""
+    """Write pieces (str) with their scores in run.c's tokenizer format; path is replaced only
+    by a complete file (an error or a signal part-way leaves it as it was)."""
     encoded = [piece.encode("utf-8") for piece in pieces]
-    with open(path, "wb") as fh:
+    with atomic_write(path) as fh:
         fh.write(struct.pack("<I", max((len(b) for b in encoded), default=0)))
         for data, score in zip(encoded, scores):
             fh.write(struct.pack("<fi", score, len(data)))
@@ -78,11 +81,12 @@ def main(argv=None):
         print(f"tokenizer.py: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"tokenizer.py: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"tokenizer.py: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     print(f"wrote {out_path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("tokenizer.py", main))

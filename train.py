@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import corpus
 import export
 import tokenizer
+from llama2_cython.files import atomic_write, run_command
 
 
 # ---------------------------------------------------------------------------- the model
@@ -140,10 +141,11 @@ class Llama(nn.Module):
 
 def train_tokenizer(lines, prefix, vocab_size):
     """A sentencepiece BPE model at prefix + '.model', trained deterministically on lines (fed
-    from memory, so that no file path is recorded in the model and it is byte-reproducible)."""
+    from memory, so that no file path is recorded in the model and it is byte-reproducible).
+    Like every file train.py writes, it replaces the old one only once complete."""
     import sentencepiece as spm
     path = prefix + ".model"
-    with open(path, "wb") as fh:
+    with atomic_write(path) as fh:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=fh, model_type="bpe",
             vocab_size=vocab_size, character_coverage=1.0, byte_fallback=True, split_digits=True,
@@ -271,4 +273,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Ctrl-C or SIGTERM part-way: one line, status 130 or 143, the files of the last run intact
+    sys.exit(run_command("train.py", main))
