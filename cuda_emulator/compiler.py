@@ -1,8 +1,8 @@
 """SourceModule: a CUDA C source compiled by g++ into a shared library, loaded with ctypes.
 
 As PyCUDA does, the source is wrapped in extern "C" { } (unless no_extern_c). Before that comes the
-prelude include/cuda_emulator.h (CUDA's qualifiers, built-ins and vector types, and the runtime);
-after it, one entry stub per __global__ function. `extern __shared__ T name[];` cannot be a macro:
+prelude include/cuda_emulator.h (CUDA's qualifiers, built-ins and vector types); after it, one
+entry stub per __global__ function; include/runtime.cpp, which runs the launches, is linked in. `extern __shared__ T name[];` cannot be a macro:
 it is rewritten here into a pointer to the launch's dynamic shared memory.
 
 When nvcc is on the PATH, the source is also compiled the way PyCUDA compiles it (nvcc --cubin for
@@ -26,7 +26,7 @@ from . import driver
 
 INCLUDE_DIR = Path(__file__).resolve().parent / "include"
 CXX_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-ffp-contract=off",
-             "-fvisibility=hidden"]
+             "-fvisibility=hidden", "-fno-stack-protector", "-fno-plt"]
 
 EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+([^;\[\]]*?)\s*\b(\w+)\s*\[\s*\]\s*;")
 ALIGN = re.compile(r"__align__\s*\(\s*\w+\s*\)")
@@ -113,23 +113,12 @@ def _cached_build(key, suffix, build, directory):
 
 
 def _entry_stubs(names):
-    lines = ["namespace cuemu {",
-             "template <typename T> static constexpr int kind()",
-             "{ return std::is_pointer<T>::value ? 2 : std::is_floating_point<T>::value ? 1 :",
-             "         std::is_integral<T>::value || std::is_enum<T>::value ? 0 : 3; }",
-             "template <typename... A> static void call(void (*k)(A...), const char* p)",
-             "{ invoke(k, p, std::index_sequence_for<A...>{}); }",
-             "template <typename... A> static int describe(void (*)(A...), int* kinds, int* sizes)",
-             "{ const int k[] = {kind<A>()..., 0}, s[] = {(int)sizeof(A)..., 0};",
-             "  for (size_t i = 0; i < sizeof...(A); i++) { kinds[i] = k[i]; sizes[i] = s[i]; }",
-             "  return (int)sizeof...(A); }",
-             "}"]
-    for name in names:
-        lines += [f'extern "C" __attribute__((visibility("default"))) void cuemu_entry_{name}'
-                  f"(const char* p) {{ cuemu::call({name}, p); }}",
-                  f'extern "C" __attribute__((visibility("default"))) int cuemu_params_{name}'
-                  f"(int* kinds, int* sizes) {{ return cuemu::describe({name}, kinds, sizes); }}"]
-    return "\n".join(lines) + "\n"
+    """Per kernel: the entry the launcher calls, and the description of its parameters."""
+    return "".join(
+        f'extern "C" __attribute__((visibility("default"))) void cuemu_entry_{name}(const char* p)'
+        f" {{ cuemu::call({name}, p); }}\n"
+        f'extern "C" __attribute__((visibility("default"))) int cuemu_params_{name}(int* k, int* s)'
+        f" {{ return cuemu::describe({name}, k, s); }}\n" for name in names)
 
 
 def _nvcc_info(source, include_dirs, options, arch, nvcc, directory):
@@ -184,14 +173,14 @@ class SourceModule:
                 + _entry_stubs(self._names))
         cxx = os.environ.get("CXX", "g++")
         command = [cxx, *CXX_FLAGS, f"-I{INCLUDE_DIR}", *(f"-I{d}" for d in include_dirs)]
-        prelude = (INCLUDE_DIR / "cuda_emulator.h").read_text()
-        key = hashlib.sha256(json.dumps([unit, prelude, command, _tool_version(cxx), sorted(
+        runtime = [(INCLUDE_DIR / name).read_text() for name in ("cuda_emulator.h", "runtime.cpp")]
+        key = hashlib.sha256(json.dumps([unit, runtime, command, _tool_version(cxx), sorted(
             _included_files(source, include_dirs).items())]).encode()).hexdigest()[:32]
 
         def build(out):
             with tempfile.TemporaryDirectory() as tmp:
                 Path(tmp, "module.cpp").write_text(unit)
-                proc = subprocess.run(command + ["-o", out, "module.cpp"], cwd=tmp,
+                proc = subprocess.run(command + ["-o", out, "module.cpp", str(INCLUDE_DIR / "runtime.cpp")], cwd=tmp,
                                       capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise driver.CompileError(f"the emulator's compilation (g++) failed:\n{proc.stderr}")

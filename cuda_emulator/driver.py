@@ -124,7 +124,7 @@ PROFILES = {
 # ----------------------------------------------------------------------------
 # settings (see cuda_emulator.configure)
 
-POLICIES = {"in-order": 0, "warp-ahead": 1, "random": 2}
+POLICIES = {"in-order": 0, "random": 1}
 
 
 @dataclass
@@ -138,11 +138,10 @@ settings = Settings(os.environ.get("CUDA_EMULATOR_DEVICE") or "h100",
 
 
 def parse_schedule(schedule):
-    """'in-order', 'warp-ahead', 'random' or 'random:SEED' -> (policy number, seed)."""
+    """'in-order', 'random' or 'random:SEED' -> (policy number, seed)."""
     name, _, seed = schedule.partition(":")
     if name not in POLICIES or (seed and name != "random") or (seed and not seed.isdigit()):
-        raise ValueError(f"unknown schedule {schedule!r}: in-order, warp-ahead, random or "
-                         "random:SEED")
+        raise ValueError(f"unknown schedule {schedule!r}: in-order, random or random:SEED")
     return POLICIES[name], int(seed or 0)
 
 
