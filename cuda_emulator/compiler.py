@@ -82,9 +82,14 @@ def _included_files(source, include_dirs, seen=None):
 
 
 def default_cache_dir():
+    """$CUDA_EMULATOR_CACHE, else ~/.cache/cuda_emulator, else one in the temporary directory."""
     base = os.environ.get("CUDA_EMULATOR_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cuda_emulator")
-    os.makedirs(base, exist_ok=True)
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError:
+        base = os.path.join(tempfile.gettempdir(), f"cuda_emulator-{os.getuid()}")
+        os.makedirs(base, exist_ok=True)
     return base
 
 
