@@ -45,4 +45,5 @@ def configure(device=None, schedule=None):
     if schedule is not None:
         driver.parse_schedule(schedule)
         driver.settings.schedule = schedule
+        driver.settings.launches = 0  # the same launches in the same order again
     return previous

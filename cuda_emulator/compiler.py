@@ -25,7 +25,7 @@ from pathlib import Path
 from . import driver
 
 INCLUDE_DIR = Path(__file__).resolve().parent / "include"
-CXX_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-ffp-contract=off",
+CXX_FLAGS = ["-std=gnu++17", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-ffp-contract=off",
              "-fvisibility=hidden", "-fno-stack-protector", "-fno-plt"]
 
 EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+([^;\[\]]*?)\s*\b(\w+)\s*\[\s*\]\s*;")

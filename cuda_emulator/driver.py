@@ -21,7 +21,7 @@ import numpy as np
 PAGE = mmap.PAGESIZE
 PROT_NONE = 0
 ALIGNMENT = 256
-CANARY = 0x7FC0DEAD  # the runtime's CANARY: slack bytes around allocations
+CANARY = 0x7FC0DEAD  # slack bytes around allocation n: a quiet NaN, its payload varied by n
 FRESH = 0x7FC0FFEE  # a fresh allocation's contents: a quiet NaN
 REGISTERS_WITHOUT_NVCC = 64  # the most a 1024-thread block allows: assumed when nvcc is absent
 
@@ -131,6 +131,7 @@ POLICIES = {"in-order": 0, "random": 1}
 class Settings:
     device: str
     schedule: str
+    launches: int = 0  # under this schedule: a random one draws launch k's order from (seed, k)
 
 
 settings = Settings(os.environ.get("CUDA_EMULATOR_DEVICE") or "h100",
@@ -238,6 +239,9 @@ _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
+_allocations_holder = []  # [the _Allocations], for DeviceAllocation.free at interpreter exit
+
+
 def _words(address, nbytes):
     """The memory at address (4-byte aligned) as a uint32 array, nbytes // 4 long."""
     return np.ctypeslib.as_array((ctypes.c_uint32 * (nbytes // 4)).from_address(address))
@@ -268,24 +272,28 @@ class DeviceAllocation:
         self.data_start, self.data_end = base + PAGE, base + PAGE + data
         self.ptr = (self.data_end - nbytes) // ALIGNMENT * ALIGNMENT
         self.size = nbytes
+        self.number = _allocations.count + 1
+        # each allocation's own canary: bytes copied from another's slack still show
+        self.canary = CANARY ^ (self.number * 0x9E37 & 0x3FFFFF)
         words = _words(self.data_start, data)
-        words[:] = CANARY
+        words[:] = self.canary
         if fill:
             first = (self.ptr - self.data_start) // 4
             words[first:first + nbytes // 4] = FRESH
-        self.canaries = ((self.data_start, self.ptr - self.data_start),
-                         (self.ptr + nbytes, self.data_end - self.ptr - nbytes))
-        self.number = _allocations.add(self)
+        self.canaries = ((self.data_start, self.ptr - self.data_start, self.canary),
+                         (self.ptr + nbytes, self.data_end - self.ptr - nbytes, self.canary))
+        _allocations.add(self)
 
     def __int__(self):
         return self.ptr
 
     __index__ = __int__
 
-    def free(self):
+    def free(self, _registry=_allocations_holder, _munmap=_libc.munmap):
+        # (the defaults keep what it needs alive until the interpreter's last collection)
         if self._base is not None:
-            _allocations.remove(self)
-            _libc.munmap(self._base, self._mapped)
+            _registry[0].remove(self)
+            _munmap(self._base, self._mapped)
             self._base = None
 
     def __del__(self):
@@ -306,7 +314,6 @@ class _Allocations:
         self.by_start[allocation.data_start] = allocation
         self.used += allocation.size
         self.count += 1
-        return self.count
 
     def remove(self, allocation):
         self.starts.remove(allocation.data_start)
@@ -330,6 +337,7 @@ class _Allocations:
 
 
 _allocations = _Allocations()
+_allocations_holder.append(_allocations)
 
 
 def describe_address(address, write):
@@ -472,7 +480,7 @@ class Function:
         except struct.error as e:
             raise LogicError(f"{self.name}: bad arguments ({e})") from None
         canaries = []
-        for i in self._pointer_args:
+        for i in self._pointer_args:  # (address, length, word) of the slack bytes to check
             address = args[i] if isinstance(args[i], int) else int(args[i])
             if address == 0:
                 continue
@@ -480,19 +488,20 @@ class Function:
             if allocation is None or not allocation.ptr <= address <= allocation.ptr + allocation.size:
                 raise LaunchError(f"{self.name}: argument {i} (0x{address:x}) is not a device "
                                   "address")
-            for pair in allocation.canaries:
-                if pair not in canaries:
-                    canaries.append(pair)
-        flat = (ctypes.c_uint64 * (2 * len(canaries) or 1))(*(v for pair in canaries for v in pair))
+            for triple in allocation.canaries:
+                if triple not in canaries:
+                    canaries.append(triple)
+        flat = (ctypes.c_uint64 * (3 * len(canaries) or 1))(*(v for triple in canaries for v in triple))
         message = ctypes.create_string_buffer(2048)
         fault, fault_write = ctypes.c_uint64(), ctypes.c_int()
         policy, seed = parse_schedule(settings.schedule)
         with _lock:
             counters.launches += 1
             counters.launches_by_kernel[self.name] += 1
+            settings.launches += 1
             result = self._library.cuemu_launch(
                 self._entry, params, *grid, *block, shared_size, policy,
-                seed * 0x9E3779B97F4A7C15 + counters.launches & 0xFFFFFFFFFFFFFFFF,
+                seed * 0x9E3779B97F4A7C15 + settings.launches & 0xFFFFFFFFFFFFFFFF,
                 flat, len(canaries), message, len(message), ctypes.byref(fault),
                 ctypes.byref(fault_write))
         text = message.value.decode(errors="replace")

@@ -35,7 +35,7 @@ enum Result { OK, LAUNCH_ERROR, MEMORY_FAULT, CANARY_OVERWRITTEN };
 const size_t PAGE = 4096;
 const size_t STACK_BYTES = 64 * 1024;  // per CUDA thread, with a guard page below
 const uint32_t SHARED_FILL = 0x7fc5aaed;  // a quiet NaN: shared memory before anyone wrote it
-const uint32_t CANARY = 0x7fc0dead;       // a quiet NaN: the slack bytes around allocations
+const uint32_t CANARY = 0x7fc0dead;       // a quiet NaN: the slack bytes after dynamic shared memory
 
 struct Warp {  // its lanes as bit masks
     unsigned present, runnable, at_sync, arrived, gone;  // arrived: waiting at a shuffle
@@ -531,8 +531,8 @@ const char* describe_fault(const char* a)
 // grid, under `policy` (0 in order, 1 random with `seed`). Returns OK; LAUNCH_ERROR with a message;
 // MEMORY_FAULT with the start of a message, the faulting address in *fault and whether it wrote in
 // *fault_write; or CANARY_OVERWRITTEN with the first overwritten byte in *fault. `canaries` holds
-// n_canaries (address, length) pairs: the slack bytes around the device allocations the kernel was
-// given, checked after the launch.
+// n_canaries (address, length, word) triples: the slack bytes around the device allocations the
+// kernel was given and the word they were filled with, checked after the launch.
 extern "C" __attribute__((visibility("default"))) int cuemu_launch(
     void (*kernel)(const char*), const char* kernel_params, unsigned gx, unsigned gy, unsigned gz,
     unsigned bx, unsigned by, unsigned bz, size_t shared_bytes, int policy, uint64_t seed,
@@ -640,7 +640,8 @@ extern "C" __attribute__((visibility("default"))) int cuemu_launch(
     delete[] order;
 
     for (int i = 0; i < n_canaries && result == OK; i++)
-        if (const void* changed = changed32((const void*)(uintptr_t)canaries[2 * i], canaries[2 * i + 1], CANARY)) {
+        if (const void* changed = changed32((const void*)(uintptr_t)canaries[3 * i], canaries[3 * i + 1],
+                                            (uint32_t)canaries[3 * i + 2])) {
             *fault = (uint64_t)(uintptr_t)changed;
             result = CANARY_OVERWRITTEN;
         }
