@@ -51,7 +51,8 @@ runompgnu: $(DEPS)
 # the GPU path: run_cuda.py needs PyCUDA, built here against the CUDA toolkit that nvcc belongs to
 # (or CUDA_ROOT=...). It needs nvcc, the toolkit's headers (include/cuda.h), its libcudart, and to
 # link, libcuda: the driver's, the toolkit's stub, or else an empty stub made here (the driver
-# provides the real one at run time). PyCUDA's cuRAND part is left out, so no cuRAND is needed.
+# provides the real one at run time: --no-as-needed keeps the link to it). PyCUDA's cuRAND part is
+# left out, so no cuRAND is needed.
 # `pip install pycuda` alone takes CUDA_ROOT from nvcc's directory (wrong where nvcc is a wrapper
 # in /usr/local/bin) and wants cuRAND. Compiling PyCUDA takes several minutes.
 # Without a GPU: RUN_CUDA_EMULATOR=1 python run_cuda.py ... runs the same kernels on the CPU.
@@ -72,7 +73,7 @@ runcuda: runomp
 	python=$$($(PY) -c 'import sys; print(sys.executable)'); \
 	cd $(PYCUDA_BUILD)/pycuda-*/ && $$python configure.py --cuda-root=$(CUDA_ROOT) --no-cuda-enable-curand \
 	    --cudadrv-lib-dir=$$driver --cudart-lib-dir=$(CUDA_ROOT)/lib64,$(CUDA_ROOT)/lib && \
-	$$python -m pip install -q --no-build-isolation .
+	LDFLAGS="$$LDFLAGS -Wl,--no-as-needed" $$python -m pip install -q --no-build-isolation .
 	$(PY) -c "import pycuda; print('runcuda: PyCUDA', pycuda.VERSION_TEXT, 'installed')"
 
 # build with the recommended flags unless an extension is already newer than its sources

@@ -47,8 +47,8 @@ def rewrite_extern_shared(source):
 
 def kernel_names(source):
     """The __global__ functions of a source, in order of appearance."""
-    no_comments = re.sub(r"//[^\n]*|/\*.*?\*/", " ", source, flags=re.S)
-    return list(dict.fromkeys(KERNEL.findall(no_comments)))
+    plain = re.sub(r"//[^\n]*|/\*.*?\*/|__launch_bounds__\s*\([^)]*\)", " ", source, flags=re.S)
+    return list(dict.fromkeys(KERNEL.findall(plain)))
 
 
 def parse_ptxas(text):
