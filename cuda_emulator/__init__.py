@@ -18,10 +18,10 @@ the block and thread, where a GPU would hang, fault or compute garbage:
   nobody wrote shows in the results.
 
 Settings (environment variables, or configure() at run time):
-- CUDA_EMULATOR_SCHEDULE: `in-order` (default: blocks in order, threads in order, warps in lock
-  step), `warp-ahead` (the lowest warp runs as far as it can before the next one starts), or
-  `random:SEED` (blocks in a random order; at each __syncthreads() a random warp runs ahead, lanes
-  in random order).
+- CUDA_EMULATOR_SCHEDULE: `in-order` (default: blocks in order; in a block, always the lowest
+  runnable thread, so warp 0 runs as far as it can, through its shuffles, before warp 1 starts) or
+  `random:SEED` (blocks in a random order; at each __syncthreads() the warps' order is drawn anew,
+  lanes are picked at random). The same seed repeats the same orders.
 - CUDA_EMULATOR_DEVICE: `h100` (default: 132 SMs, 227 KiB of shared memory per block) or `few-sms`
   (2 SMs, 99 KiB, 64 MiB of memory).
 - CUDA_EMULATOR_CACHE: where compiled modules are kept (default ~/.cache/cuda_emulator).

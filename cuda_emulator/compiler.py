@@ -185,8 +185,11 @@ class SourceModule:
         def build(out):
             with tempfile.TemporaryDirectory() as tmp:
                 Path(tmp, "module.cpp").write_text(unit)
-                proc = subprocess.run(command + ["-o", out, "module.cpp", str(INCLUDE_DIR / "runtime.cpp")], cwd=tmp,
-                                      capture_output=True, text=True)
+                try:
+                    proc = subprocess.run(command + ["-o", out, "module.cpp", str(INCLUDE_DIR / "runtime.cpp")],
+                                          cwd=tmp, capture_output=True, text=True)
+                except OSError as e:
+                    raise driver.CompileError(f"the emulator needs a C++ compiler ({cxx}: {e.strerror})") from None
                 if proc.returncode != 0:
                     raise driver.CompileError(f"the emulator's compilation (g++) failed:\n{proc.stderr}")
 

@@ -195,14 +195,6 @@ class Device:
     def name(self):
         return current_profile().name
 
-    def compute_capability(self):
-        p = current_profile().attributes
-        return (p[device_attribute.COMPUTE_CAPABILITY_MAJOR],
-                p[device_attribute.COMPUTE_CAPABILITY_MINOR])
-
-    def total_memory(self):
-        return current_profile().total_memory
-
     def get_attribute(self, attribute):
         return current_profile().attributes[device_attribute(attribute)]
 
@@ -220,12 +212,6 @@ class Context:
     def synchronize():
         pass  # launches finish before they return
 
-    def pop(self):
-        pass
-
-    def detach(self):
-        pass
-
 
 # ----------------------------------------------------------------------------
 # memory
@@ -239,68 +225,9 @@ _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-_allocations_holder = []  # [the _Allocations], for DeviceAllocation.free at interpreter exit
-
-
 def _words(address, nbytes):
     """The memory at address (4-byte aligned) as a uint32 array, nbytes // 4 long."""
     return np.ctypeslib.as_array((ctypes.c_uint32 * (nbytes // 4)).from_address(address))
-
-
-class DeviceAllocation:
-    """Device memory: int(allocation) is its address, for pointer arithmetic as in PyCUDA."""
-
-    _base = None  # the mapping, until free()
-
-    def __init__(self, nbytes, fill=True):
-        if nbytes <= 0:
-            raise LogicError("cuMemAlloc failed: invalid argument (size 0)")
-        profile = current_profile()
-        if _allocations.used + nbytes > profile.total_memory:
-            raise MemoryError(f"cuMemAlloc failed: out of memory ({nbytes} bytes asked, "
-                              f"{profile.total_memory - _allocations.used} of "
-                              f"{profile.total_memory} free on {profile.name})")
-        data = -(-(nbytes + ALIGNMENT) // PAGE) * PAGE
-        mapped = data + 2 * PAGE
-        base = _libc.mmap(None, mapped, mmap.PROT_READ | mmap.PROT_WRITE,
-                          mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        if base in (None, _MAP_FAILED):
-            raise MemoryError(f"cuMemAlloc failed: out of memory ({nbytes} bytes asked)")
-        _libc.mprotect(base, PAGE, PROT_NONE)
-        _libc.mprotect(base + PAGE + data, PAGE, PROT_NONE)
-        self._base, self._mapped = base, mapped
-        self.data_start, self.data_end = base + PAGE, base + PAGE + data
-        self.ptr = (self.data_end - nbytes) // ALIGNMENT * ALIGNMENT
-        self.size = nbytes
-        self.number = _allocations.count + 1
-        # each allocation's own canary: bytes copied from another's slack still show
-        self.canary = CANARY ^ (self.number * 0x9E37 & 0x3FFFFF)
-        words = _words(self.data_start, data)
-        words[:] = self.canary
-        if fill:
-            first = (self.ptr - self.data_start) // 4
-            words[first:first + nbytes // 4] = FRESH
-        self.canaries = ((self.data_start, self.ptr - self.data_start, self.canary),
-                         (self.ptr + nbytes, self.data_end - self.ptr - nbytes, self.canary))
-        _allocations.add(self)
-
-    def __int__(self):
-        return self.ptr
-
-    __index__ = __int__
-
-    def free(self, _registry=_allocations_holder, _munmap=_libc.munmap):
-        # (the defaults keep what it needs alive until the interpreter's last collection)
-        if self._base is not None:
-            _registry[0].remove(self)
-            _munmap(self._base, self._mapped)
-            self._base = None
-
-    def __del__(self):
-        self.free()
-
-    def describe(self):
-        return f"allocation #{self.number} ({self.size} bytes at 0x{self.ptr:x})"
 
 
 class _Allocations:
@@ -337,7 +264,62 @@ class _Allocations:
 
 
 _allocations = _Allocations()
-_allocations_holder.append(_allocations)
+
+
+class DeviceAllocation:
+    """Device memory: int(allocation) is its address, for pointer arithmetic as in PyCUDA."""
+
+    _base = None  # the mapping, until free()
+
+    def __init__(self, nbytes, fill=True):
+        if nbytes <= 0:
+            raise LogicError("cuMemAlloc failed: invalid argument (size 0)")
+        profile = current_profile()
+        if _allocations.used + nbytes > profile.total_memory:
+            raise MemoryError(f"cuMemAlloc failed: out of memory ({nbytes} bytes asked, "
+                              f"{profile.total_memory - _allocations.used} of "
+                              f"{profile.total_memory} free on {profile.name})")
+        data = -(-(nbytes + ALIGNMENT) // PAGE) * PAGE
+        mapped = data + 2 * PAGE
+        base = _libc.mmap(None, mapped, mmap.PROT_READ | mmap.PROT_WRITE,
+                          mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if base in (None, _MAP_FAILED):
+            raise MemoryError(f"cuMemAlloc failed: out of memory ({nbytes} bytes asked)")
+        _libc.mprotect(base, PAGE, PROT_NONE)
+        _libc.mprotect(base + PAGE + data, PAGE, PROT_NONE)
+        self._base, self._mapped = base, mapped
+        self.data_start, self.data_end = base + PAGE, base + PAGE + data
+        self.ptr = (self.data_end - nbytes) // ALIGNMENT * ALIGNMENT
+        self.size = nbytes
+        self.number = _allocations.count + 1
+        # each allocation's own canary: bytes copied from another's slack still show
+        self.canary = CANARY ^ (self.number * 0x9E37 & 0x3FFFFF)
+        words = _words(self.data_start, data)
+        first, end = (self.ptr - self.data_start) // 4, (self.ptr + nbytes - self.data_start) // 4
+        words[:first] = words[end:] = self.canary  # (the word the end shares with the slack too)
+        if fill:
+            words[first:end] = FRESH
+        self.canaries = ((self.data_start, self.ptr - self.data_start, self.canary),
+                         (self.ptr + nbytes, self.data_end - self.ptr - nbytes, self.canary))
+        _allocations.add(self)
+
+    def __int__(self):
+        return self.ptr
+
+    __index__ = __int__
+
+    def free(self, _registry=_allocations, _munmap=_libc.munmap):
+        # (the defaults keep what it needs alive until the interpreter's last collection)
+        if self._base is not None:
+            _registry.remove(self)
+            _munmap(self._base, self._mapped)
+            self._base = None
+
+    def __del__(self):
+        self.free()
+
+    def describe(self):
+        return f"allocation #{self.number} ({self.size} bytes at 0x{self.ptr:x})"
 
 
 def describe_address(address, write):
@@ -414,11 +396,13 @@ _FORMAT_KIND = dict.fromkeys("bBhHiIlLqQnN", 0) | {"f": 1, "d": 1, "P": 2}
 
 
 class Function:
-    """A kernel of a SourceModule: attributes, prepare() and prepared_call()."""
+    """A kernel of a SourceModule: attributes, prepare() and prepared_call().
+
+    ptxas: nvcc's registers, static shared memory and stack for it, or None without nvcc.
+    """
 
     def __init__(self, name, library, entry, params, ptxas, module_static_shared):
         self.name = name
-        self.ptxas = ptxas  # nvcc's registers, shared memory, stack and spills (None without nvcc)
         self._library, self._entry, self._params = library, entry, params
         self._format = None
         profile = current_profile().attributes
