@@ -54,7 +54,7 @@ runompgnu: $(DEPS)
 # provides the real one at run time: --no-as-needed keeps the link to it). PyCUDA's cuRAND part is
 # left out, so no cuRAND is needed.
 # `pip install pycuda` alone takes CUDA_ROOT from nvcc's directory (wrong where nvcc is a wrapper
-# in /usr/local/bin) and wants cuRAND. Compiling PyCUDA takes several minutes.
+# in /usr/local/bin) and wants cuRAND. Compiling PyCUDA takes a few minutes.
 # Without a GPU: RUN_CUDA_EMULATOR=1 python run_cuda.py ... runs the same kernels on the CPU.
 PYCUDA ?= pycuda==2026.1
 CUDA_ROOT ?= $(shell nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/.* TOP=//p' | xargs -r realpath 2>/dev/null)
