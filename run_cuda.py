@@ -18,16 +18,16 @@ cost more than the step:
   launch), warps take rows of wq/wk/wv as one matrix, the lane holding a row pair rotates it, and
   k and v land straight in this position's row of the cache.
 - multi_head_attention_kernel (scores, softmax, weighted sum) -> attention: one block per query
-  head, its kv head h / kv_mul (grouped-query attention, which run.cu's kernel predates), the
-  scores in shared memory, the weighted sum read row by row so that value loads coalesce.
+  head reading kv head h / kv_mul (grouped-query attention), one thread per position while they
+  fit, the scores in shared memory, the weighted sum read row by row so that value loads coalesce.
 - the wo sgemv + accum_kernel (residual) -> matmul_residual: x += wo @ xb in one pass.
 - rmsnorm_kernel + the w1 and w3 sgemv calls + f_silu_elementwise_mul_w3_kernel -> ffn_swiglu:
   one warp computes row i of w1 and of w3 and writes silu(h1) * h3 at once.
 - the w2 sgemv + accum_kernel -> matmul_residual again.
 - the final rmsnorm_kernel + the classifier sgemv -> rmsnorm_matmul; the token's embedding row
   copy -> embed. Only the logits come back to the host.
-The matvec kernels read rows with float4 loads across a warp and reduce with shuffles (what
-cuBLAS's sgemv does for a transposed matrix), and need no cuBLAS, which PyCUDA does not wrap.
+The matvec kernels read each row with float4 loads across a warp and reduce with shuffles; they
+need no cuBLAS, which PyCUDA does not wrap.
 """
 import importlib.util
 import os
