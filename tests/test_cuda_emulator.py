@@ -141,6 +141,14 @@ __global__ void staged_sum(float* out, const float* x, int n)
     }
 }
 
+__global__ void shift_down(float* out)
+{
+    extern __shared__ float slots[];
+    slots[(int)threadIdx.x - 1] = 1.0f;  // thread 0 writes before the start
+    __syncthreads();
+    out[threadIdx.x] = slots[threadIdx.x];
+}
+
 // the order the threads ran in (fibers take turns, so the counter needs no atomics here)
 __global__ void running_order(int* order)
 {
@@ -304,6 +312,11 @@ def test_out_of_bounds_shared_memory(module):
     with pytest.raises(cuda.LaunchError, match=r"out of bounds of the dynamic shared memory "
                        r"\(past its end\), writing"):
         launch(module, "staged_sum", "PPi", (1, 1), (32, 1, 1), out, x, 64, shared_size=128)
+
+
+def test_write_before_shared_memory(module):
+    with pytest.raises(cuda.LaunchError, match="a write before the start of the 128 bytes of dynamic"):
+        launch(module, "shift_down", "P", (1, 1), (32, 1, 1), cuda.mem_alloc(128), shared_size=128)
 
 
 def test_integer_division_by_zero(module):

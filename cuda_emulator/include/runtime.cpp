@@ -502,9 +502,12 @@ int run_block()
     }
     char* end = shared_area + shared_area_bytes;
     char* slack = dynamic_shared + dynamic_shared_bytes;
-    if (changed32(slack, end - slack, CANARY)) {
-        snprintf(error, error_bytes, "block (%u,%u,%u): a write past the end of the %zu bytes of "
-                 "dynamic shared memory", block_idx.x, block_idx.y, block_idx.z, dynamic_shared_bytes);
+    const char* where = changed32(slack, end - slack, CANARY) ? "past the end"
+                        : changed32(shared_area, dynamic_shared - shared_area, CANARY) ? "before the start"
+                        : nullptr;
+    if (where) {
+        snprintf(error, error_bytes, "block (%u,%u,%u): a write %s of the %zu bytes of dynamic "
+                 "shared memory", block_idx.x, block_idx.y, block_idx.z, where, dynamic_shared_bytes);
         return LAUNCH_ERROR;
     }
     return OK;
