@@ -2,8 +2,9 @@
 
 As PyCUDA does, the source is wrapped in extern "C" { } (unless no_extern_c). Before that comes the
 prelude include/cuda_emulator.h (CUDA's qualifiers, built-ins and vector types); after it, one
-entry stub per __global__ function; include/runtime.cpp, which runs the launches, is linked in. `extern __shared__ T name[];` cannot be a macro:
-it is rewritten here into a pointer to the launch's dynamic shared memory.
+entry stub per __global__ function; include/runtime.cpp, which runs the launches, is linked in.
+`extern __shared__ T name[];` cannot be a macro: it is rewritten here, in the module's source (not
+in the headers it includes), into a pointer to the launch's dynamic shared memory.
 
 When nvcc is on the PATH, the source is also compiled the way PyCUDA compiles it (nvcc --cubin for
 the device profile's architecture, with `-Xptxas -v`): its errors are the module's errors, and each
@@ -185,13 +186,16 @@ class SourceModule:
         def build(out):
             with tempfile.TemporaryDirectory() as tmp:
                 Path(tmp, "module.cpp").write_text(unit)
+                sources = ["module.cpp", str(INCLUDE_DIR / "runtime.cpp")]
                 try:
-                    proc = subprocess.run(command + ["-o", out, "module.cpp", str(INCLUDE_DIR / "runtime.cpp")],
-                                          cwd=tmp, capture_output=True, text=True)
+                    proc = subprocess.run(command + ["-o", out, *sources], cwd=tmp,
+                                          capture_output=True, text=True)
                 except OSError as e:
-                    raise driver.CompileError(f"the emulator needs a C++ compiler ({cxx}: {e.strerror})") from None
+                    raise driver.CompileError(
+                        f"the emulator needs a C++ compiler ({cxx}: {e.strerror})") from None
                 if proc.returncode != 0:
-                    raise driver.CompileError(f"the emulator's compilation (g++) failed:\n{proc.stderr}")
+                    raise driver.CompileError(
+                        f"the emulator's compilation ({cxx}) failed:\n{proc.stderr}")
 
         self._path = _cached_build(key, ".so", build, directory)
         self._library = ctypes.CDLL(self._path)
@@ -207,7 +211,8 @@ class SourceModule:
     def get_function(self, name):
         if name not in self._functions:
             if name not in self._names:
-                raise driver.LogicError(f"cuModuleGetFunction failed: named symbol not found ({name})")
+                raise driver.LogicError(
+                    f"cuModuleGetFunction failed: named symbol not found ({name})")
             describe = getattr(self._library, f"cuemu_params_{name}")
             kinds, sizes = (ctypes.c_int * 64)(), (ctypes.c_int * 64)()
             count = describe(kinds, sizes)

@@ -175,7 +175,11 @@ struct __attribute__((aligned(16))) float4 {
     float x, y, z, w;
     float4() = default;
     float4(float x_, float y_, float z_, float w_) : x(x_), y(y_), z(z_), w(w_) {}
-    float4(const float4& o) { cuemu::check_aligned(&o, 16, "float4 load"); x = o.x; y = o.y; z = o.z; w = o.w; }
+    float4(const float4& o)
+    {
+        cuemu::check_aligned(&o, 16, "float4 load");
+        x = o.x; y = o.y; z = o.z; w = o.w;
+    }
     float4& operator=(const float4& o)
     {
         cuemu::check_aligned(&o, 16, "float4 load");

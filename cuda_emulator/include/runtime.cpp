@@ -145,7 +145,8 @@ void describe_thread(char* out, size_t size, const Fiber* f)
 
 // Ends the launch with a message about thread f: back to the launching stack, never to return.
 // Out of line, so that the paths that check stay small.
-__attribute__((noreturn, noinline, cold, format(printf, 2, 3))) void fail(const Fiber* f, const char* format, ...)
+__attribute__((noreturn, noinline, cold, format(printf, 2, 3)))
+void fail(const Fiber* f, const char* format, ...)
 {
     describe_thread(error, error_bytes, f);
     size_t used = strlen(error);
@@ -409,7 +410,8 @@ bool ensure_shared(size_t bytes)
     size_t need = (bytes + 16 + PAGE - 1) / PAGE * PAGE;
     if (need <= shared_area_bytes)
         return true;
-    char* a = (char*)mmap(nullptr, need + 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char* a = (char*)mmap(nullptr, need + 2 * PAGE, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (a == MAP_FAILED)
         return false;
     mprotect(a, PAGE, PROT_NONE);
