@@ -52,10 +52,33 @@ rungnu: $(DEPS)
 runompgnu: $(DEPS)
 	$(call BUILD,-Ofast -fopenmp -std=gnu11)
 
-# the GPU path: run_cuda.py needs PyCUDA (and the CUDA toolkit to build it)
+# the GPU path: run_cuda.py needs PyCUDA, built here against the CUDA toolkit that nvcc belongs to
+# (or CUDA_ROOT=...). It needs nvcc, the toolkit's headers (include/cuda.h), its libcudart, and to
+# link, libcuda: the driver's, the toolkit's stub, or else an empty stub made here (the driver
+# provides the real one at run time: --no-as-needed keeps the link to it). PyCUDA's cuRAND part is
+# left out, so no cuRAND is needed.
+# `pip install pycuda` alone takes CUDA_ROOT from nvcc's directory (wrong where nvcc is a wrapper
+# in /usr/local/bin) and wants cuRAND. Compiling PyCUDA takes a few minutes.
+# Without a GPU: RUN_CUDA_EMULATOR=1 python run_cuda.py ... runs the same kernels on the CPU.
+PYCUDA ?= pycuda==2026.1
+CUDA_ROOT ?= $(shell nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/.* TOP=//p' | xargs -r realpath 2>/dev/null)
+PYCUDA_BUILD := build/pycuda
 .PHONY: runcuda
 runcuda: runomp
-	$(PY) -m pip install -q pycuda
+	@test -f "$(CUDA_ROOT)/include/cuda.h" || { echo "runcuda: no CUDA toolkit: nvcc not on the PATH, or no include/cuda.h under CUDA_ROOT='$(CUDA_ROOT)'" >&2; exit 1; }
+	rm -rf $(PYCUDA_BUILD) && mkdir -p $(PYCUDA_BUILD)/stub
+	$(PY) -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d $(PYCUDA_BUILD) "$(PYCUDA)"
+	tar xzf $(PYCUDA_BUILD)/pycuda-*.tar.gz -C $(PYCUDA_BUILD)
+	@driver=$$(for d in $(CUDA_ROOT)/lib64/stubs $(CUDA_ROOT)/lib/stubs $(CUDA_ROOT)/targets/*/lib/stubs \
+	        $$(ldconfig -p | sed -n 's/.*libcuda\.so\.1 .*=> //p' | xargs -r dirname); do \
+	        test -e $$d/libcuda.so && { echo $$d; break; }; done); \
+	if [ -z "$$driver" ]; then echo "runcuda: no libcuda to link against: an empty stub"; \
+	    driver=$(CURDIR)/$(PYCUDA_BUILD)/stub; cc -shared -Wl,-soname,libcuda.so.1 -o $$driver/libcuda.so -x c /dev/null; fi; \
+	python=$$($(PY) -c 'import sys; print(sys.executable)'); \
+	cd $(PYCUDA_BUILD)/pycuda-*/ && $$python configure.py --cuda-root=$(CUDA_ROOT) --no-cuda-enable-curand \
+	    --cudadrv-lib-dir=$$driver --cudart-lib-dir=$(CUDA_ROOT)/lib64,$(CUDA_ROOT)/lib && \
+	LDFLAGS="$$LDFLAGS -Wl,--no-as-needed" $$python -m pip install -q --no-build-isolation .
+	$(PY) -c "import pycuda; print('runcuda: PyCUDA', pycuda.VERSION_TEXT, 'installed')"
 
 # build with the recommended flags unless both extensions are already newer than their sources
 .PHONY: build

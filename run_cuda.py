@@ -1,11 +1,36 @@
 """Inference for llama2.c models with forward() on an NVIDIA GPU (CUDA kernels through PyCUDA).
 
     python run_cuda.py model.bin [options]     (the options of run.c: -t -p -s -n -i -z -m -y)
+    RUN_CUDA_EMULATOR=1 python run_cuda.py model.bin [options]   (the same kernels on the CPU)
 
 Everything but forward() comes from the CPU package `run`: checkpoint reading, tokenizer, sampler and
 the command line. The kernels are the .cu files in cuda/ next to this file, compiled at start-up.
+With RUN_CUDA_EMULATOR=1 (also for the API and the tests), cuda_emulator stands in for PyCUDA and
+runs them on the CPU, checking what a GPU would punish (see cuda_emulator/__init__.py).
+
+How llama2.cu's run.cu maps onto cuda/: run.cu launches 14 kernels per layer (cuBLAS sgemv for
+every matmul, a kernel for each small step) plus two copies into the KV cache. Here five kernels
+per layer do the same work, each weight matrix read once per token, and every small step is folded
+into the matmul next to it, because at batch 1 a launch and a round trip through global memory
+cost more than the step:
+- rmsnorm_kernel + the q, k, v sgemv calls + RoPe_rotation_kernel + the KV-cache copies
+  -> qkv_rope: each block recomputes rmsnorm(x) into shared memory (dim floats: cheaper than a
+  launch), warps take rows of wq/wk/wv as one matrix, the lane holding a row pair rotates it, and
+  k and v land straight in this position's row of the cache.
+- multi_head_attention_kernel (scores, softmax, weighted sum) -> attention: one block per query
+  head reading kv head h / kv_mul (grouped-query attention), one thread per position while they
+  fit, the scores in shared memory, the weighted sum read row by row so that value loads coalesce.
+- the wo sgemv + accum_kernel (residual) -> matmul_residual: x += wo @ xb in one pass.
+- rmsnorm_kernel + the w1 and w3 sgemv calls + f_silu_elementwise_mul_w3_kernel -> ffn_swiglu:
+  one warp computes row i of w1 and of w3 and writes silu(h1) * h3 at once.
+- the w2 sgemv + accum_kernel -> matmul_residual again.
+- the final rmsnorm_kernel + the classifier sgemv -> rmsnorm_matmul; the token's embedding row
+  copy -> embed. Only the logits come back to the host.
+The matvec kernels read each row with float4 loads across a warp and reduce with shuffles; they
+need no cuBLAS, which PyCUDA does not wrap.
 """
 import importlib.util
+import os
 import sys
 from collections import namedtuple
 from pathlib import Path
@@ -28,13 +53,24 @@ class CudaUnavailable(RuntimeError):
     """PyCUDA or a CUDA GPU is missing; the message says which."""
 
 
-def init_cuda():
-    """Import PyCUDA and, on the first call, make a context on the first usable GPU.
+def use_emulator():
+    """Whether RUN_CUDA_EMULATOR asks for cuda_emulator instead of PyCUDA (set, and not 0)."""
+    return os.environ.get("RUN_CUDA_EMULATOR", "") not in ("", "0")
 
-    Returns the pycuda.driver module and pycuda.compiler.SourceModule; raises CudaUnavailable.
+
+def init_cuda():
+    """Import PyCUDA (or, with RUN_CUDA_EMULATOR set, the emulator) and, on the first call, make a
+    context on the first usable GPU.
+
+    Returns the driver module and SourceModule; raises CudaUnavailable.
     """
+    if use_emulator():
+        from cuda_emulator import autoinit, driver  # noqa: F401  (autoinit: the context)
+        from cuda_emulator.compiler import SourceModule
+        return driver, SourceModule
     if importlib.util.find_spec("pycuda") is None:
-        raise CudaUnavailable("PyCUDA is not installed (pip install .[cuda])")
+        raise CudaUnavailable("PyCUDA is not installed (pip install .[cuda]; "
+                              "RUN_CUDA_EMULATOR=1 runs the kernels on the CPU)")
     try:
         import pycuda.driver as cuda
         from pycuda.compiler import SourceModule
@@ -43,8 +79,36 @@ def init_cuda():
     try:
         import pycuda.autoinit  # noqa: F401  context on the first usable GPU, popped at exit
     except (cuda.Error, RuntimeError) as e:
-        raise CudaUnavailable(f"no CUDA GPU found ({e})") from None
+        raise CudaUnavailable(f"no CUDA GPU found ({e}; RUN_CUDA_EMULATOR=1 runs the kernels on the "
+                              "CPU)") from None
     return cuda, SourceModule
+
+
+def blocks_per_multiprocessor(cuda, func, threads, shared_bytes):
+    """How many blocks of a launch fit on one multiprocessor at once (CUDA's occupancy rule).
+
+    Registers are allocated per warp in units of 256; the kernel's count comes from its
+    attributes (what ptxas gave it), as do its static shared memory; each block also holds the
+    driver's reserved shared memory.
+    """
+    device = cuda.Context.get_device()
+    attr, fattr = cuda.device_attribute, cuda.function_attribute
+    warps = -(-threads // 32)
+    warp_registers = -(-func.get_attribute(fattr.NUM_REGS) * 32 // 256) * 256
+    block_shared = (shared_bytes + func.get_attribute(fattr.SHARED_SIZE_BYTES)
+                    + device.get_attribute(attr.RESERVED_SHARED_MEMORY_PER_BLOCK))
+    return max(1, min(
+        device.get_attribute(attr.MAX_REGISTERS_PER_MULTIPROCESSOR) // max(warp_registers, 1) // warps,
+        device.get_attribute(attr.MAX_THREADS_PER_MULTIPROCESSOR) // (warps * 32),
+        device.get_attribute(attr.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR) // block_shared,
+        device.get_attribute(attr.MAX_BLOCKS_PER_MULTIPROCESSOR)))
+
+
+def one_line(error):
+    """A driver error in one line: its first, or for a compile error its first line naming an error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    detail = next((line for line in lines[1:] if "error" in line.lower()), None)
+    return f"{lines[0]} {detail}" if detail else lines[0]
 
 
 class _Launch:
@@ -64,6 +128,7 @@ class _Launch:
             func.set_attribute(attr.MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes)  # beyond 48 KiB
         func.prepare(arg_types)
         self._func = func
+        self.blocks = blocks
         self._grid = (blocks, 1)
         self._block = (threads, 1, 1)
         self._shared = shared_bytes
@@ -85,33 +150,47 @@ class CudaTransformer:
         cpu = run.Transformer(checkpoint_path)
         self.config = dict(cpu.config)
         c = self.config
-        dim, hidden_dim, n_layers = c["dim"], c["hidden_dim"], c["n_layers"]
-        n_heads, n_kv_heads, vocab_size, seq_len = (c["n_heads"], c["n_kv_heads"], c["vocab_size"],
-                                                    c["seq_len"])
+        dim, n_heads, n_kv_heads = c["dim"], c["n_heads"], c["n_kv_heads"]
         head_size = dim // n_heads  # run.Transformer checked: whole heads, even head_size
         kv_dim = dim * n_kv_heads // n_heads
-        self._sizes = (dim, hidden_dim, kv_dim, head_size, n_heads // n_kv_heads)
+        self._sizes = (dim, c["hidden_dim"], kv_dim, head_size, n_heads // n_kv_heads)
 
-        modules = {path.stem: SourceModule(path.read_text(), include_dirs=[str(CUDA_DIR)])
+        try:
+            self._build(cuda, SourceModule, cpu.weights)
+        except cuda.Error as e:
+            raise run.LlamaError(f"CUDA: {one_line(e)}") from None
+
+    def _build(self, cuda, SourceModule, w):
+        """Compiles the kernels, fixes their launch shapes and copies the weights to the device."""
+        c = self.config
+        dim, hidden_dim, kv_dim, head_size, _ = self._sizes
+        n_layers, n_heads, vocab_size, seq_len = (c["n_layers"], c["n_heads"], c["vocab_size"],
+                                                  c["seq_len"])
+        # the #line directive names the file in compiler messages (and in the emulator's)
+        modules = {path.stem: SourceModule(f'#line 1 "{path.name}"\n{path.read_text()}',
+                                           include_dirs=[str(CUDA_DIR)])
                    for path in sorted(CUDA_DIR.glob("*.cu"))}
-        device = cuda.Context.get_device()
-        # at most one wave of matvec blocks: more would only repeat each block's staging of the input
-        max_blocks = (device.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
-                      * (device.get_attribute(cuda.device_attribute.MAX_THREADS_PER_MULTIPROCESSOR)
-                         // MATVEC_THREADS))
+        multiprocessors = cuda.Context.get_device().get_attribute(
+            cuda.device_attribute.MULTIPROCESSOR_COUNT)
 
         def matvec(name, arg_types, items, input_size, what):
-            blocks = min(-(-items // (MATVEC_THREADS // 32)), max_blocks)
-            return _Launch(cuda, modules["matmul"].get_function(name), arg_types, blocks,
-                           MATVEC_THREADS, input_size * FLOAT_BYTES, what)
+            # at most one wave of blocks (as many as fit on the GPU at once): more would only
+            # repeat each block's staging of the input; the grid strides over the rest
+            func = modules["matmul"].get_function(name)
+            shared_bytes = input_size * FLOAT_BYTES
+            wave = multiprocessors * blocks_per_multiprocessor(cuda, func, MATVEC_THREADS, shared_bytes)
+            blocks = min(-(-items // (MATVEC_THREADS // 32)), wave)
+            return _Launch(cuda, func, arg_types, blocks, MATVEC_THREADS, shared_bytes, what)
 
         self._embed = _Launch(cuda, modules["embed"].get_function("embed"), "PPii",
                               -(-dim // EMBED_THREADS), EMBED_THREADS, 0, "the embedding copy")
         self._qkv_rope = matvec("qkv_rope", "PPPPPPPPiiii", (dim + 2 * kv_dim) // 2, dim,
                                 f"the qkv matmul (dim {dim})")
         attention = modules["attention"].get_function("attention")
+        # one thread per position while they fit in a block: more would only idle at every barrier
         attention_threads = min(1024, attention.get_attribute(
-            cuda.function_attribute.MAX_THREADS_PER_BLOCK)) // 32 * 32
+            cuda.function_attribute.MAX_THREADS_PER_BLOCK), -(-max(seq_len, head_size) // 32) * 32
+                                ) // 32 * 32
         if head_size > attention_threads:
             raise ValueError(f"head_size {head_size} is larger than the {attention_threads} threads "
                              "per block the attention kernel can use")
@@ -127,7 +206,6 @@ class CudaTransformer:
                                   f"the classifier matmul (dim {dim})")
 
         self._memory = []  # keeps the device allocations alive; the kernels get plain addresses
-        w = cpu.weights
 
         def to_gpu(array):
             self._memory.append(cuda.to_device(array))
@@ -166,6 +244,13 @@ class CudaTransformer:
             raise ValueError(f"token {token} is outside the vocabulary 0..{vocab_size - 1}")
         if not 0 <= pos < seq_len:
             raise ValueError(f"position {pos} is outside 0..{seq_len - 1}")
+        try:
+            return self._forward(token, pos)
+        except self._cuda.Error as e:
+            raise run.LlamaError(f"CUDA: {one_line(e)}") from None
+
+    def _forward(self, token, pos):
+        vocab_size = self.config["vocab_size"]
         dim, hidden_dim, kv_dim, head_size, kv_mul = self._sizes
         x, xb, q, hb = self._x, self._xb, self._q, self._hb
         cache_row = pos * kv_dim * FLOAT_BYTES  # this position's row in a layer's KV cache
