@@ -30,11 +30,15 @@ import sys
 
 import numpy as np
 
-from llama2_cython.files import atomic_write, run_command
+from llama2_cython import LlamaError, formats
+from llama2_cython.cli import run_command
+from llama2_cython.files import atomic_write
 
-MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
-HEADER_SIZE = 256
-CONFIG_KEYS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
+# the format's rules (header layouts, checks, sizes) are llama2_cython.formats', shared with run
+# and runq; what is here is how the tensors are laid out and converted
+MAGIC = formats.MAGIC
+HEADER_SIZE = formats.HEADER_SIZE
+CONFIG_KEYS = formats.CONFIG_FIELDS
 NORMS = ("rms_att_weight", "rms_ffn_weight", "rms_final_weight")
 MATRICES = ("token_embedding_table", "wq", "wk", "wv", "wo", "w1", "w2", "w3")  # then [wcls]
 V0_ORDER = ("token_embedding_table", "rms_att_weight", "wq", "wk", "wv", "wo", "rms_ffn_weight",
@@ -75,8 +79,8 @@ INT32_MAX = 2**31 - 1  # the header's config values are int32
 ROPE_ROWS = 4096  # v0's RoPE tables are computed and written this many positions at a time
 
 
-class ExportError(ValueError):
-    """Bad input; the CLI prints the message as one line and exits with status 1."""
+# bad input: the project's one error type (the CLI prints its message as one line, status 1)
+ExportError = LlamaError
 
 
 def _silent(message):
@@ -111,26 +115,14 @@ def _is_int(value):
 
 
 def _check_config(config, where):
-    """The config as a dict of 7 positive int32s that run.c can use; ExportError naming `where`."""
+    """The config as a dict of the 7 ints run.c can use (formats.check_config's rules); the
+    error names `where`."""
     try:
         cfg = {key: config[key] for key in CONFIG_KEYS}
     except KeyError as e:
         raise ExportError(f"{where}: no {e.args[0]}") from None
-    for key, value in cfg.items():
-        if not _is_int(value):
-            raise ExportError(f"{where}: {key} is {value!r}, not an integer")
-        cfg[key] = int(value)
-    bad = [key for key, value in cfg.items() if value <= 0]
-    if bad:
-        raise ExportError(f"{where}: {', '.join(bad)} must be positive")
-    big = [key for key, value in cfg.items() if value > INT32_MAX]
-    if big:
-        raise ExportError(f"{where}: {', '.join(big)} must fit in an int32 (at most {INT32_MAX})")
-    if cfg["dim"] % cfg["n_heads"] or cfg["n_heads"] % cfg["n_kv_heads"]:
-        raise ExportError(f"{where}: dim {cfg['dim']} must be a multiple of n_heads "
-                          f"{cfg['n_heads']}, and n_heads a multiple of n_kv_heads "
-                          f"{cfg['n_kv_heads']}")
-    return cfg
+    formats.check_config(cfg, where)
+    return {key: int(value) for key, value in cfg.items()}
 
 
 def _check_weights(config, weights, shared):
@@ -199,60 +191,19 @@ def _dequantize(q, scale, shape):
 
 # ---------------------------------------------------------------------------- reading
 
-def _file_size(cfg, shared, version, group_size):
-    counts = {name: math.prod(shape) for name, shape in weight_shapes(cfg).items()
-              if not (name == "wcls" and shared)}
-    if version == 0:
-        rope = 2 * cfg["seq_len"] * (cfg["dim"] // cfg["n_heads"] // 2)
-        return 28 + 4 * (sum(counts.values()) + rope)
-    if version == 1:
-        return HEADER_SIZE + 4 * sum(counts.values())
-    quantized = sum(counts[name] for name in _tensor_names(shared))
-    norms = sum(counts[name] for name in NORMS)
-    return HEADER_SIZE + 4 * norms + quantized + 4 * (quantized // group_size)
-
-
-def _read_header(fh, path):
-    """(version, config, shared, group_size or None) from a model file's header."""
-    head = fh.read(HEADER_SIZE)
-    if len(head) >= 8 and struct.unpack_from("<I", head)[0] == MAGIC:
-        version = struct.unpack_from("<i", head, 4)[0]
-        if version not in (1, 2):
-            raise ExportError(f"{path}: llama2.c file version {version} is unknown (1 and 2 are)")
-        if len(head) < HEADER_SIZE:
-            raise ExportError(f"{path}: truncated header")
-        config = dict(zip(CONFIG_KEYS, struct.unpack_from("<7i", head, 8)))
-        shared = bool(head[36])
-        group_size = struct.unpack_from("<i", head, 37)[0] if version == 2 else None
-    elif len(head) >= 28:
-        version, group_size = 0, None
-        config = dict(zip(CONFIG_KEYS, struct.unpack_from("<7i", head)))
-        shared = config["vocab_size"] > 0
-        config["vocab_size"] = abs(config["vocab_size"])
-    else:
-        raise ExportError(f"{path}: too short for a llama2.c model file")
-    return version, _check_config(config, f"{path}: not a llama2.c model file"), shared, group_size
-
-
 def read_model(path, log=None):
     """Read a llama2.c model file, v0, v1 or v2, into (config, weights, shared): weights are
     float32 arrays named and shaped like run.c's TransformerWeights (see weight_shapes), v2 ones
     dequantized; weights["wcls"] is weights["token_embedding_table"] when shared."""
     log = log or _silent
-    size = os.path.getsize(path)
     with open(path, "rb") as fh:
-        version, cfg, shared, group_size = _read_header(fh, path)
+        header = formats.parse_header(fh.read(HEADER_SIZE), path)
+        formats.check_header(header, path)
+        formats.check_file_size(header, os.fstat(fh.fileno()).st_size, path)
+        version, cfg, shared = header.version, header.config, header.shared_classifier
+        group_size = header.group_size
         shapes = weight_shapes(cfg)
-        if version == 2:
-            for name in _tensor_names(shared):
-                piece = math.prod(shapes[name][1:] if name in LAYERED else shapes[name])
-                if group_size < 1 or piece % group_size:
-                    raise ExportError(f"{path}: group size {group_size} does not divide {name}")
-        expected = _file_size(cfg, shared, version, group_size)
-        if size != expected:
-            raise ExportError(f"{path}: {size} bytes, but a version {version} file with this "
-                              f"header has {expected}: not a llama2.c model file, or truncated")
-        fh.seek(28 if version == 0 else HEADER_SIZE)
+        fh.seek(header.size)
 
         def fp32(shape):
             return np.fromfile(fh, "<f4", math.prod(shape)).astype(np.float32, copy=False) \

@@ -277,7 +277,7 @@ def main(argv=None):
     except CudaUnavailable as e:
         print(f"run_cuda: {e}", file=sys.stderr)
         return 1
-    return run.main(sys.argv if argv is None else argv, transformer_factory=CudaTransformer)
+    return run.main(sys.argv if argv is None else argv, prog="run_cuda", transformer_factory=CudaTransformer)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import os
 import struct
 import sys
 
-from llama2_cython.files import atomic_write, run_command
+from llama2_cython.cli import run_command
+from llama2_cython.files import atomic_write
 
 
 class TokenizerError(Exception):

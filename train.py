@@ -24,7 +24,8 @@ import torch.nn.functional as F
 import corpus
 import export
 import tokenizer
-from llama2_cython.files import atomic_write, run_command
+from llama2_cython.cli import run_command
+from llama2_cython.files import atomic_write
 
 
 # ---------------------------------------------------------------------------- the model

@@ -1,10 +1,13 @@
 """The command line around run.c's main(), for `python -m run`, `python -m runq` and
-`python run_cuda.py`: the flags, the usage text under the program's own name, reading stdin, and
-the mapping from errors to one line on stderr and an exit status. main() itself, with run.c's
-flow, stays in each .pyx file."""
+`python run_cuda.py`: the flags, the usage text under the program's own name and reading stdin;
+and, for those and the tools (export.py, tokenizer.py, train.py), the mapping from errors and
+signals to one line on stderr and an exit status (ExitStatus, run_command). main() itself, with
+run.c's flow, stays in each .pyx file."""
+import contextlib
 import math
 import os
 import re
+import signal
 import sys
 import time
 
@@ -136,8 +139,20 @@ def read_line():
     return line.split(b"\0", 1)[0]
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised like KeyboardInterrupt is for SIGINT (see run_command)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# signals that end a tool by default, and what the line on stderr says of them
+TERMINATING = {"SIGTERM": "terminated", "SIGHUP": "hung up"}
+
+
 class ExitStatus:
-    """main()'s errors as one line on stderr and an exit status (a Python traceback is no answer
+    """A main()'s errors as one line on stderr and an exit status (a Python traceback is no answer
     to a user's bad file or flag):
 
         with ExitStatus(prog, flush_stdout) as status:
@@ -145,7 +160,7 @@ class ExitStatus:
         return status.code
     """
 
-    def __init__(self, prog, flush_stdout):
+    def __init__(self, prog, flush_stdout=None):
         self.prog = prog
         self.flush_stdout = flush_stdout  # C's fflush(stdout), for the output printed so far
         self.code = 0
@@ -174,26 +189,59 @@ class ExitStatus:
             # the reader went away (`| head`): stop quietly, as a C program killed by SIGPIPE would;
             # stdout now goes to devnull so that no flush at exit (libc's or Python's) complains
             # (https://docs.python.org/3/library/signal.html#note-on-sigpipe)
-            _stdout_to_devnull()
-            self.code = 141  # 128 + SIGPIPE, the status of `./run | head` in C
-        elif issubclass(kind, OSError) and error.filename == "<stdout>":
-            # a full disk (ENOSPC) or a closed stdout (EBADF) is no closed pipe: say so
-            _stdout_to_devnull()
-            self.say(f"error writing standard output: {error.strerror}")
+            quiet_stdout()
+            self.code = 128 + signal.SIGPIPE  # 141, the status of `./run | head` in C
+        elif issubclass(kind, OSError):
+            # a file a tool writes is named (atomic_write sees to it); an error that names none,
+            # or "<stdout>", is stdout's: a full disk (ENOSPC) or a closed stdout (EBADF)
+            if error.filename in (None, "<stdout>"):
+                quiet_stdout()
+                self.say(f"error writing standard output: {error.strerror or error}")
+            else:
+                self.say(f"error: {error.filename}: {error.strerror or error}")
             self.code = 1
-        elif issubclass(kind, KeyboardInterrupt):
-            self.flush_stdout()
-            sys.stderr.write(f"\n{self.prog}: interrupted\n")
-            self.code = 130
+        elif issubclass(kind, (KeyboardInterrupt, Terminated)):
+            if self.flush_stdout is not None:
+                self.flush_stdout()
+            if issubclass(kind, KeyboardInterrupt):
+                what, self.code = "interrupted", 128 + signal.SIGINT
+            else:
+                what = TERMINATING[signal.Signals(error.signum).name]
+                self.code = 128 + error.signum
+            # what an interrupted writer left (atomic_write notes it: "out.bin left as it was")
+            notes = getattr(error, "__notes__", [])
+            sys.stderr.write(f"\n{self.prog}: {what}{': ' if notes else ''}{', '.join(notes)}\n")
         else:
             return False
         return True
 
 
-def _stdout_to_devnull():
+def run_command(prog, main, argv=None):
+    """main(argv) -> exit status, run as the command prog under ExitStatus, with SIGTERM and
+    SIGHUP raised as Terminated (so that writers clean up, as on Ctrl-C) while it runs."""
+    handlers = {}
+    for name in TERMINATING:
+        signum = getattr(signal, name, None)
+        # a signal ignored by whoever started us (nohup) stays ignored
+        if signum is not None and signal.getsignal(signum) == signal.SIG_DFL:
+            handlers[signum] = signal.signal(signum, _raise_terminated)
     try:
+        with ExitStatus(prog) as status:
+            status.code = main(argv)
+            sys.stdout.flush()
+        return status.code
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def quiet_stdout():
+    """Point stdout at devnull, so that the flush at exit cannot fail again and print more."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.close(devnull)
-    except OSError:
-        pass

@@ -10,8 +10,8 @@ layouts, the rules a header must follow, and the number of bytes each format giv
 export.py's docstring lists the tensors of each format in order.
 """
 import mmap
+import numbers
 import os
-import sys
 from dataclasses import dataclass
 
 from . import LlamaError
@@ -72,31 +72,40 @@ def parse_header(head, path):
     return Header(0, config, shared)
 
 
-def check_config(config, path):
-    """Refuses a config whose numbers cannot describe a model that run.c can run; names the field."""
+def check_config(config, where):
+    """Refuses a config whose numbers cannot describe a model that run.c can run: one line that
+    starts with where (a file's "PATH: bad header", a config.json's path) and names the field."""
     for name in CONFIG_FIELDS:
         value = config[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise LlamaError(f"{path}: bad header: {name} = {value!r} (must be an integer > 0)")
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise LlamaError(f"{where}: {name} = {value!r} is not an integer")
+        if value <= 0:
+            raise LlamaError(f"{where}: {name} = {value} (must be > 0)")
         if value >= 2**31:
-            raise LlamaError(f"{path}: bad header: {name} = {value} does not fit an int32")
+            raise LlamaError(f"{where}: {name} = {value} does not fit an int32")
     if config["dim"] % config["n_heads"]:
-        raise LlamaError(f"{path}: bad header: n_heads = {config['n_heads']} does not divide "
+        raise LlamaError(f"{where}: n_heads = {config['n_heads']} does not divide "
                          f"dim = {config['dim']}")
     if config["n_heads"] % config["n_kv_heads"]:
-        raise LlamaError(f"{path}: bad header: n_kv_heads = {config['n_kv_heads']} does not divide "
+        raise LlamaError(f"{where}: n_kv_heads = {config['n_kv_heads']} does not divide "
                          f"n_heads = {config['n_heads']}")
     head_size = config["dim"] // config["n_heads"]
     if head_size % 2:
-        raise LlamaError(f"{path}: bad header: head size {head_size} is odd (RoPE rotates pairs)")
+        raise LlamaError(f"{where}: head size {head_size} is odd (RoPE rotates pairs)")
     # v1/v2 files hold no table of seq_len rows: the file size does not bound it, so a limit does
     if config["seq_len"] > MAX_SEQ_LEN:
-        raise LlamaError(f"{path}: bad header: seq_len = {config['seq_len']} is over the limit "
-                         f"of {MAX_SEQ_LEN}")
+        raise LlamaError(f"{where}: seq_len = {config['seq_len']} is over the limit of {MAX_SEQ_LEN}")
+
+
+def check_kv_cache_fits(config, where):
+    """Refuses, before anything is allocated, a model whose KV cache is larger than this machine's
+    memory (a header that lies about seq_len or n_layers would make a giant allocation)."""
+    head_size = config["dim"] // config["n_heads"]
     kv_cache = 2 * 4 * config["n_layers"] * config["seq_len"] * config["n_kv_heads"] * head_size
     if kv_cache > physical_memory():
-        raise LlamaError(f"{path}: bad header: seq_len = {config['seq_len']} needs a "
-                         f"{kv_cache / 2**30:.1f} GiB KV cache, more than this machine's memory")
+        raise LlamaError(f"{where}: seq_len = {config['seq_len']} needs a {kv_cache / 2**30:.1f} "
+                         f"GiB KV cache over its {config['n_layers']} layers, more than this "
+                         f"machine's memory")
 
 
 def quantized_tensors(config, shared_classifier):
@@ -112,30 +121,32 @@ def quantized_tensors(config, shared_classifier):
     return tensors
 
 
-def check_group_size(config, group_size, shared_classifier, path):
+def check_group_size(config, group_size, shared_classifier, where):
     """Refuses a group size that does not cut every quantized tensor into whole groups. (Rows
     need not be whole groups: runq.pyx's matmul handles groups that straddle rows, runq.c's
     does not.)"""
     if group_size <= 0:
-        raise LlamaError(f"{path}: bad header: group_size = {group_size} (must be > 0)")
+        raise LlamaError(f"{where}: group_size = {group_size} (must be > 0)")
     if group_size > MAX_GROUP_SIZE:
-        raise LlamaError(f"{path}: bad header: group_size = {group_size} is too large (over "
+        raise LlamaError(f"{where}: group_size = {group_size} is too large (over "
                          f"{MAX_GROUP_SIZE} int8 products could overflow a group's int32 sum)")
     for name, _, rows, cols in quantized_tensors(config, shared_classifier):
         # runq.c would floor the number of scales and read every later tensor from the wrong place
         if rows * cols % group_size:
-            raise LlamaError(f"{path}: bad header: group_size = {group_size} does not divide the "
+            raise LlamaError(f"{where}: group_size = {group_size} does not divide the "
                              f"{rows}x{cols} = {rows * cols} values of {name}")
         # the scales follow the int8 values: keep them where a float may be read
         if rows * cols % 4:
-            raise LlamaError(f"{path}: unsupported shape: the {rows}x{cols} int8 values of {name} "
+            raise LlamaError(f"{where}: the {rows}x{cols} int8 values of {name} "
                              f"leave its float32 scales misaligned")
 
 
 def check_header(header, path):
-    check_config(header.config, path)
+    """Refuses a header whose numbers do not describe a model; the line names path and the field."""
+    check_config(header.config, f"{path}: bad header")
     if header.version == 2:
-        check_group_size(header.config, header.group_size, header.shared_classifier, path)
+        check_group_size(header.config, header.group_size, header.shared_classifier,
+                         f"{path}: bad header")
 
 
 def weights_nbytes(header):
@@ -181,6 +192,7 @@ def map_model(checkpoint, versions, prog):
             raise LlamaError(_wrong_version(header, head, file_size, path))
         check_header(header, path)
         check_file_size(header, file_size, path)
+        check_kv_cache_fits(header.config, f"{path}: bad header")
         try:
             return header, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:

@@ -319,4 +319,4 @@ def test_out_of_device_memory_is_one_line(emulator, tmp_path):
     path = write_model(tmp_path / "model.bin", config)
     env = backend_env(("in-order", "few-sms"))
     err = assert_one_line_error(run_cuda_cli([path, "-z", TOKENIZER], env=env))
-    assert re.match(r"run: CUDA: cuMemAlloc failed: out of memory", err), err
+    assert re.match(r"run_cuda: CUDA: cuMemAlloc failed: out of memory", err), err

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import export
-from llama2_cython.files import Terminated, atomic_write
+from llama2_cython.cli import Terminated
+from llama2_cython.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = ROOT / "testdata"
@@ -191,7 +192,7 @@ SLOW_EXPORT = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 import export
-from llama2_cython.files import run_command
+from llama2_cython.cli import run_command
 write = export._write
 def slow_write(fh, array, dtype):
     write(fh, array, dtype)
@@ -241,7 +242,7 @@ def test_stdout_on_a_full_disk_is_one_line(tmp_path):
                           TESTDATA / "tiny_mha.bin", stdout=full)
     assert proc.returncode == 1
     assert proc.stderr.decode().strip().splitlines()[-1] == \
-        f"export.py: error: stdout: {os.strerror(28)}"
+        f"export.py: error writing standard output: {os.strerror(28)}"
     assert "Traceback" not in proc.stderr.decode()
     assert (tmp_path / "out.bin").read_bytes() == (TESTDATA / "tiny_mha.v1.bin").read_bytes()
 
@@ -259,7 +260,7 @@ def test_tokenizer_stdout_on_a_full_disk_is_one_line(tmp_path):
         proc = tokenizer_cli("-t", TESTDATA / "tok512.model", "-o", tmp_path / "t.bin",
                              stdout=full)
     assert proc.returncode == 1
-    assert one_line(proc.stderr) == f"tokenizer.py: error: stdout: {os.strerror(28)}"
+    assert one_line(proc.stderr) == f"tokenizer.py: error writing standard output: {os.strerror(28)}"
     assert (tmp_path / "t.bin").read_bytes() == (TESTDATA / "tok512.bin").read_bytes()
 
 
