@@ -98,17 +98,17 @@ $(EXACT)/.built: $(SOURCES) $(PACKAGE_SOURCES) | $(DEPS)
 .PHONY: exact
 exact: $(EXACT)/.built
 
-# quick start: a story from the demo model the repo ships (models/README.md), fp32 then int8
-DEMO_FLAGS = -z models/stories_tok.bin -n 256 -t 0.8 -s 42 -i "Once upon a time"
+# quick start: a story from the demo model the repo ships (demo/README.md), fp32 then int8
+DEMO_FLAGS = -z demo/stories_tok.bin -n 256 -t 0.8 -s 42 -i "Once upon a time"
 .PHONY: demo
 demo: build
-	$(PY) -m run models/stories_demo.bin $(DEMO_FLAGS)
-	$(PY) -m runq models/stories_demo_q80.bin $(DEMO_FLAGS)
+	$(PY) -m run demo/stories_demo.bin $(DEMO_FLAGS)
+	$(PY) -m runq demo/stories_demo_q80.bin $(DEMO_FLAGS)
 
 # retrain the demo model from scratch (corpus, tokenizer, training, export; needs torch)
 .PHONY: demo-model
 demo-model: $(DEV_DEPS)
-	$(PY) train.py --out models/ --seed 0
+	$(PY) -m demo.train --out demo/ --seed 0
 
 # the whole test suite (pytest exit status 5, no test collected, counts as a failure)
 .PHONY: test
@@ -123,7 +123,7 @@ testc: build exact $(DEV_DEPS)
 # decode speed against numpy's sgemv bandwidth, on random models in the stories15M/110M shapes
 .PHONY: bench
 bench: build
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(PY) bench.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(PY) -m tools.bench
 
 .PHONY: clean
 clean:
@@ -132,4 +132,4 @@ clean:
 # fuzz the loaders (v0, v1, v2 model files and tokenizers) with random mutations for a minute
 .PHONY: fuzz
 fuzz: build $(DEV_DEPS)
-	$(PY) fuzz.py --seconds $${FUZZ_SECONDS:-60}
+	$(PY) -m tools.fuzz --seconds $${FUZZ_SECONDS:-60}

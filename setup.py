@@ -41,5 +41,5 @@ if missing:  # a build without one of the programs is no build: say so instead o
     sys.exit(f"setup.py: {', '.join(missing)} not found (run setup.py from the repository's root)")
 extensions = [extension(name, src) for name, src in sources]
 
-setup(packages=["run", "runq", "llama2_cython"], py_modules=["export", "tokenizer"],
+setup(packages=["run", "runq", "llama2_cython"],
       ext_modules=cythonize(extensions, compiler_directives=directives, build_dir="build", quiet=True))

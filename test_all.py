@@ -1,7 +1,7 @@
 """Comparison against the C reference: stdout of llama2.c's run / runq (golden.json) byte for
 byte, and run.c's encode() token ids (encode_golden.json), for both tokenizers.
 
-Each comparison runs on both builds (conftest.py):
+Each comparison runs on both builds (tests/helpers.py):
 - exact (`make run`'s -O3, IEEE order): every case prints C's -O3 stdout, on any x86-64 CPU.
 - fast (`make runomp`'s -Ofast -march=native): -Ofast lets gcc reorder float sums to fit the
   CPU's vector width, so only the `robust` cases (where C's -O3 and -Ofast builds agree) print
@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from conftest import BUILDS, TESTDATA, fixture_path, golden_argv, golden_cases, in_build, run_cli
+from tests.helpers import BUILDS, TESTDATA, fixture_path, golden_argv, golden_cases, in_build, run_cli
 
 
 @pytest.mark.parametrize("build", BUILDS)

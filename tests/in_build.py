@@ -1,6 +1,6 @@
 """`python tests/in_build.py ROOT FUNCTION`: calls FUNCTION of this file with the JSON keyword
 arguments read from stdin, with ROOT first on sys.path so that `run` and `runq` are the packages of
-the build there (conftest.in_build); writes the JSON result on stdout."""
+the build there (tests.helpers.in_build); writes the JSON result on stdout."""
 import importlib
 import json
 import sys

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from conftest import TESTDATA, assert_one_line_error, run_cli
+from tests.helpers import TESTDATA, assert_one_line_error, run_cli
 
 TOK = TESTDATA / "tok512.bin"
 GOOD = TESTDATA / "tiny_mha.bin"

@@ -6,8 +6,8 @@ sizes that cut rows, prompts shorter and longer than a batch (16)."""
 import numpy as np
 import pytest
 
-import export
-from conftest import BUILDS, TESTDATA, in_build
+from llama2_cython import export
+from tests.helpers import BUILDS, TESTDATA, in_build
 from tests.test_runq import fp32_weights, write_v2
 
 SIZES = [1, 2, 7, 8, 9, 16, 17, 33, 40]

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-import export
+from llama2_cython import export
 import llama2_cython
 import run
 import runq
-from conftest import REPO, TESTDATA
+from tests.helpers import REPO, TESTDATA
 
 TOK = TESTDATA / "tok512.bin"
 MODELS = {"run": TESTDATA / "tiny_mha.bin", "runq": TESTDATA / "tiny_mha_q80.bin"}

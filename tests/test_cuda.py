@@ -18,8 +18,8 @@ import sys
 import numpy as np
 import pytest
 
-import export
-from conftest import (REPO, TESTDATA, assert_one_line_error, fixture_path, golden_argv,
+from llama2_cython import export
+from tests.helpers import (REPO, TESTDATA, assert_one_line_error, fixture_path, golden_argv,
                       golden_cases, golden_outputs, run_cli)
 from tests.reference import ReferenceTransformer
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import cuda_emulator
-from conftest import REPO, TESTDATA
+from tests.helpers import REPO, TESTDATA
 from cuda_emulator import driver as cuda
 from cuda_emulator.compiler import SourceModule, rewrite_extern_shared
 
@@ -397,7 +397,7 @@ def test_project_kernel_shuffle_under_divergence(mutated):
 
 
 def test_project_kernel_undersized_shared_memory(mutated, tmp_path):
-    import export
+    from llama2_cython import export
     import run
     run_cuda = mutated("attention.cu", "float* partial = qs + head_size;",
                        "float* partial = qs + 2 * head_size;")

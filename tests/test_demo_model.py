@@ -1,4 +1,4 @@
-"""The shipped demo model (models/, made by train.py): it writes the corpus's words, run and runq
+"""The shipped demo model (demo/, made by demo/train.py): it writes the corpus's words, run and runq
 agree on it, and the model card's command makes a model of the same shape."""
 import difflib
 import json
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-import corpus
+from demo import corpus
 import run
 
 REPO = Path(__file__).resolve().parent.parent
-MODELS = REPO / "models"
+MODELS = REPO / "demo"
 V0, Q80 = MODELS / "stories_demo.bin", MODELS / "stories_demo_q80.bin"
 TOK = MODELS / "stories_tok.bin"
-SEED, STORIES = 0, 20000  # train.py's defaults, as in models/README.md
+SEED, STORIES = 0, 20000  # demo/train.py's defaults, as in demo/README.md
 # One OpenMP thread: on a busy 2-core machine, a second thread that waits at every barrier makes
 # the model's tiny matmuls many times slower.
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -81,8 +81,8 @@ def test_card_command_reproduces_shape(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("sentencepiece")
     card = (MODELS / "README.md").read_text()
-    assert "python train.py --out models/ --seed 0" in card
-    cmd = [sys.executable, "train.py", "--out", str(tmp_path), "--seed", "0", "--steps", "3",
+    assert "python -m demo.train --out demo/ --seed 0" in card
+    cmd = [sys.executable, "-m", "demo.train", "--out", str(tmp_path), "--seed", "0", "--steps", "3",
            "--stories", "2000", "--eval-every", "1000"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=ENV)
     assert out.returncode == 0, out.stdout + out.stderr

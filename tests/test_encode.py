@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import corpus
+from demo import corpus
 import run
 import runq
-from conftest import REPO, SHARED, TESTDATA
+from tests.helpers import REPO, SHARED, TESTDATA
 
 MODULES = [run, runq]
 ENCODE = json.loads((TESTDATA / "encode_golden.json").read_text())

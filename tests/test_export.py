@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import export
-import tokenizer
+from llama2_cython import export
+from llama2_cython import tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = ROOT / "testdata"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import export
+from llama2_cython import export
 from tests.test_export import hf_tensors
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,10 +5,9 @@ import random
 
 import pytest
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings, strategies as st
 
-import fuzz  # noqa: E402
+from tools import fuzz
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None)
 

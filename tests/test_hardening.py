@@ -12,12 +12,12 @@ import time
 import numpy as np
 import pytest
 
-import export
+from llama2_cython import export
 import run
 import runq
 from run import _run
 from runq import _runq
-from conftest import REPO, TESTDATA, run_cli
+from tests.helpers import REPO, TESTDATA, run_cli
 from llama2_cython import formats
 
 TOK = TESTDATA / "tok512.bin"

@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-import export
+from llama2_cython import export
 import run
-from conftest import BUILDS, REPO, TESTDATA, c_logits, fixture_path, in_build, run_cli
+from tests.helpers import BUILDS, REPO, TESTDATA, c_logits, fixture_path, in_build, run_cli
 from tests.reference import ReferenceTransformer
 
 LOGIT_TOKENS = json.loads((TESTDATA / "logits" / "README.json").read_text())["tokens"]

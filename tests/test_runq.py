@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import runq
-from conftest import BUILDS, TESTDATA, assert_one_line_error, c_logits, fixture_path, in_build, run_cli
+from tests.helpers import BUILDS, TESTDATA, assert_one_line_error, c_logits, fixture_path, in_build, run_cli
 from tests.reference import ReferenceTransformer
 
 TOK = TESTDATA / "tok512.bin"

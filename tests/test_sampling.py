@@ -10,7 +10,7 @@ import pytest
 
 import run
 import runq
-from conftest import REPO, TESTDATA
+from tests.helpers import REPO, TESTDATA
 
 MODULES = {"run": run, "runq": runq}
 MODELS = {"run": TESTDATA / "tiny_mha.bin", "runq": TESTDATA / "tiny_mha_q80.bin"}

@@ -8,7 +8,7 @@ import pytest
 
 import run
 import runq
-from conftest import TESTDATA
+from tests.helpers import TESTDATA
 
 TOK = TESTDATA / "tok512.bin"
 PACKAGES = {"run": run, "runq": runq}
@@ -117,7 +117,7 @@ BIG = dict(dim=256, hidden_dim=768, n_layers=4, n_heads=8, n_kv_heads=8, vocab_s
 
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory):
-    import export
+    from llama2_cython import export
     path = tmp_path_factory.mktemp("big") / "big.bin"
     export.write_v0(path, BIG, export.random_model(BIG, seed=3, shared=True), True)
     return path

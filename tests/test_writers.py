@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import export
+from llama2_cython import export
 from llama2_cython.cli import Terminated
 from llama2_cython.files import atomic_write
 
@@ -191,7 +191,7 @@ def test_export_over_a_mapped_model_spares_its_reader(tmp_path):
 SLOW_EXPORT = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-import export
+from llama2_cython import export
 from llama2_cython.cli import run_command
 write = export._write
 def slow_write(fh, array, dtype):
@@ -283,7 +283,7 @@ def test_train_sigterm_keeps_the_old_model(tmp_path):
     for name in ("stories_demo.bin", "stories_demo_q80.bin"):
         (tmp_path / name).write_bytes(OLD)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path),
+    proc = subprocess.Popen([sys.executable, "-m", "demo.train", "--out", str(tmp_path),
                              "--stories", "2000", "--steps", "100000", "--eval-every", "1"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:

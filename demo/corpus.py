@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A deterministic generator of simple children's stories from a small grammar of our own.
 
-    python corpus.py --seed 0 --stories 20000 --out models/corpus.txt
+    python -m demo.corpus --seed 0 --stories 20000 --out corpus.txt      (from the repository's root)
 
 One story per line. `stories(seed, n)` returns the same list of strings for the same arguments
 (Python's random.Random, seeded, is stable across platforms and versions); `vocabulary(seed, n)`

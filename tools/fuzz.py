@@ -1,7 +1,7 @@
 """Fuzzes the loaders: mutated headers, truncations and corrupt bytes of the test files, each
 loaded in a forked child so that a crash is caught. A crash saves its file and is reported.
 
-    python fuzz.py --seconds 60 --target v0
+    python -m tools.fuzz --seconds 60 --target v0
 """
 import argparse
 import multiprocessing
@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 TESTDATA = REPO / "testdata"
 SOURCES = {"v0": "tiny_mha.bin", "v1": "tiny_mha.v1.bin", "v2": "tiny_mha_q80.bin", "tokenizer": "tok512.bin"}
 INTERESTING = [0, 1, -1, 2, 3, 4, 7, 64, 96, 255, 256, 511, 512, 513, 1 << 16, 1 << 20, (1 << 20) + 1,

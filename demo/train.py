@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train the demo model from scratch on CPU and export it for run and runq.
 
-    python train.py --out models/ --seed 0
+    python -m demo.train --out demo/ --seed 0      (from the repository's root)
 
 does everything, deterministically for a given seed: generates the story corpus (corpus.py),
 trains a sentencepiece BPE tokenizer on it (stories_tok.model, exported to stories_tok.bin with
@@ -21,9 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import corpus
-import export
-import tokenizer
+from demo import corpus
+from llama2_cython import export, tokenizer
 from llama2_cython.cli import run_command
 from llama2_cython.files import atomic_write
 
@@ -180,7 +179,7 @@ def batch(data, rng, batch_size, seq_len):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train and export the demo story model.")
-    p.add_argument("--out", default="models", help="output folder (default: models)")
+    p.add_argument("--out", default="demo", help="output folder (default: demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stories", type=int, default=20000)
     p.add_argument("--vocab-size", type=int, default=512)

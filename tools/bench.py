@@ -7,7 +7,7 @@ reports on stderr, best of --repeats), and in the same run measures how fast num
 decode has tokens. Decode reads every weight once per token, so tok/s x weight bytes = GB/s,
 and GB/s / numpy's GB/s says how close to memory-bound the port is.
 
-    python bench.py [--shapes 15M 110M] [--programs run runq run_cuda] [--repeats 7] [--steps 256]
+    python -m tools.bench [--shapes 15M 110M] [--programs run runq run_cuda] [--repeats 7] [--steps 256]
 
 With run_cuda (on an NVIDIA GPU with PyCUDA), the ratio is the fraction of the GPU's memory
 bandwidth that the weights stream at.
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-import export
 import run
+from llama2_cython import export
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "build" / "bench"
 SHAPES = {
     "15M": dict(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, seq_len=256),

@@ -1,4 +1,4 @@
-"""Shared paths and helpers for test_all.py and tests/.
+"""Paths and helpers that test_all.py and tests/ share.
 
 Our own fixtures are copied into testdata/; files from other projects (tokenizer.bin, the
 stories260K models) are read from ../shared/fixtures and their tests skip when it is absent.
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 TESTDATA = REPO / "testdata"
 SHARED = REPO.parent / "shared" / "fixtures"
 SHARED_ONLY = ("tokenizer.bin", "stories260K.bin", "stories260K_q80.bin")

@@ -1,0 +1,760 @@
+#!/usr/bin/env python3
+"""Write llama2.c model files: convert between the formats run.c and runq.c read, or export a
+llama2.c train.py checkpoint or a Hugging Face Llama folder. NumPy only; torch is imported only
+for --checkpoint.
+
+    python export.py OUT.bin --version {0,1,2} (--bin IN.bin | --checkpoint ckpt.pt | --hf DIR)
+                     [--group-size N]
+
+The formats (little-endian; [wcls] is there only when the classifier is not shared with the
+token embedding table):
+  v0 (legacy, run.c): 7 int32 config values (vocab_size negated when wcls is separate), then fp32
+     token_embedding_table, rms_att_weight, wq, wk, wv, wo, rms_ffn_weight, w1, w2, w3,
+     rms_final_weight, freq_cis_real, freq_cis_imag (seq_len x head_size/2 each), [wcls].
+  v1 (fp32): a 256-byte header: uint32 magic "ak42", int32 version, the 7 int32 config values,
+     uint8 shared classifier; then fp32 rms_att_weight, rms_ffn_weight, rms_final_weight,
+     token_embedding_table, wq, wk, wv, wo, w1, w2, w3, [wcls].
+  v2 (Q8_0, runq.c): the v1 header with int32 group_size after the shared byte; fp32 norms as
+     in v1; then token_embedding_table, wq, wk, wv, wo, w1, w2, w3, [wcls], quantized one layer's
+     matrix at a time: its int8 values, then one fp32 scale per group of group_size values.
+"""
+import argparse
+import glob
+import json
+import math
+import numbers
+import os
+import re
+import struct
+import sys
+
+import numpy as np
+
+from llama2_cython import LlamaError, formats
+from llama2_cython.cli import run_command
+from llama2_cython.files import atomic_write
+
+# the format's rules (header layouts, checks, sizes) are llama2_cython.formats', shared with run
+# and runq; what is here is how the tensors are laid out and converted
+MAGIC = formats.MAGIC
+HEADER_SIZE = formats.HEADER_SIZE
+CONFIG_KEYS = formats.CONFIG_FIELDS
+NORMS = ("rms_att_weight", "rms_ffn_weight", "rms_final_weight")
+MATRICES = ("token_embedding_table", "wq", "wk", "wv", "wo", "w1", "w2", "w3")  # then [wcls]
+V0_ORDER = ("token_embedding_table", "rms_att_weight", "wq", "wk", "wv", "wo", "rms_ffn_weight",
+            "w1", "w2", "w3", "rms_final_weight")
+LAYERED = ("rms_att_weight", "wq", "wk", "wv", "wo", "rms_ffn_weight", "w1", "w2", "w3")
+
+# Where each weight lives in a train.py state_dict and in a Hugging Face Llama; "{}" is the layer.
+CHECKPOINT_NAMES = {
+    "token_embedding_table": "tok_embeddings.weight",
+    "rms_att_weight": "layers.{}.attention_norm.weight",
+    "wq": "layers.{}.attention.wq.weight",
+    "wk": "layers.{}.attention.wk.weight",
+    "wv": "layers.{}.attention.wv.weight",
+    "wo": "layers.{}.attention.wo.weight",
+    "rms_ffn_weight": "layers.{}.ffn_norm.weight",
+    "w1": "layers.{}.feed_forward.w1.weight",
+    "w2": "layers.{}.feed_forward.w2.weight",
+    "w3": "layers.{}.feed_forward.w3.weight",
+    "rms_final_weight": "norm.weight",
+    "wcls": "output.weight",
+}
+HF_NAMES = {
+    "token_embedding_table": "model.embed_tokens.weight",
+    "rms_att_weight": "model.layers.{}.input_layernorm.weight",
+    "wq": "model.layers.{}.self_attn.q_proj.weight",
+    "wk": "model.layers.{}.self_attn.k_proj.weight",
+    "wv": "model.layers.{}.self_attn.v_proj.weight",
+    "wo": "model.layers.{}.self_attn.o_proj.weight",
+    "rms_ffn_weight": "model.layers.{}.post_attention_layernorm.weight",
+    "w1": "model.layers.{}.mlp.gate_proj.weight",
+    "w2": "model.layers.{}.mlp.down_proj.weight",
+    "w3": "model.layers.{}.mlp.up_proj.weight",
+    "rms_final_weight": "model.norm.weight",
+    "wcls": "lm_head.weight",
+}
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+INT32_MAX = 2**31 - 1  # the header's config values are int32
+ROPE_ROWS = 4096  # v0's RoPE tables are computed and written this many positions at a time
+
+
+# bad input: the project's one error type (the CLI prints its message as one line, status 1)
+ExportError = LlamaError
+
+
+def _silent(message):
+    pass
+
+
+# ---------------------------------------------------------------------------- shapes and checks
+
+def weight_shapes(config):
+    """The shape of every weight, in run.c's TransformerWeights names (wcls included)."""
+    dim, hidden, layers = config["dim"], config["hidden_dim"], config["n_layers"]
+    kv_dim = config["n_kv_heads"] * (dim // config["n_heads"])
+    vocab = config["vocab_size"]
+    return {
+        "token_embedding_table": (vocab, dim),
+        "rms_att_weight": (layers, dim),
+        "wq": (layers, dim, dim),
+        "wk": (layers, kv_dim, dim),
+        "wv": (layers, kv_dim, dim),
+        "wo": (layers, dim, dim),
+        "rms_ffn_weight": (layers, dim),
+        "w1": (layers, hidden, dim),
+        "w2": (layers, dim, hidden),
+        "w3": (layers, hidden, dim),
+        "rms_final_weight": (dim,),
+        "wcls": (vocab, dim),
+    }
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_config(config, where):
+    """The config as a dict of the 7 ints run.c can use (formats.check_config's rules); the
+    error names `where`."""
+    try:
+        cfg = {key: config[key] for key in CONFIG_KEYS}
+    except KeyError as e:
+        raise ExportError(f"{where}: no {e.args[0]}") from None
+    formats.check_config(cfg, where)
+    return {key: int(value) for key, value in cfg.items()}
+
+
+def _check_weights(config, weights, shared):
+    for name, shape in weight_shapes(config).items():
+        if name == "wcls" and shared:
+            continue
+        if name not in weights:
+            raise ExportError(f"weights: no {name}")
+        if np.shape(weights[name]) != shape:
+            raise ExportError(f"weights: {name} has shape {np.shape(weights[name])}, "
+                              f"the config says {shape}")
+
+
+def _tensor_names(shared):
+    """The matrices that v2 quantizes, in file order."""
+    return MATRICES if shared else MATRICES + ("wcls",)
+
+
+def _pieces(name, array):
+    """What is stored as one tensor: each layer's slice of a stacked weight, or the whole one."""
+    return array if name in LAYERED else (array,)
+
+
+# ---------------------------------------------------------------------------- Q8_0
+
+def choose_group_size(config, group_size=64, back_off=True):
+    """A Q8_0 group size dividing every matmul row length (dim and hidden_dim; every quantized
+    tensor is a whole number of rows, so its size follows). runq.c computes wrong numbers when a
+    group straddles two rows (llama2.c PR #532: stories42M, hidden 1376, group 64). With back_off,
+    halve group_size until it divides (upstream export.py checked dim only); else refuse it."""
+    rows = (config["dim"], config["hidden_dim"])
+    if group_size < 1:
+        raise ExportError(f"group size {group_size} must be positive")
+    if back_off:
+        while any(n % group_size for n in rows):
+            group_size //= 2  # 1 divides everything, so this ends
+    elif any(n % group_size for n in rows):
+        fits = choose_group_size(config, group_size)
+        raise ExportError(f"group size {group_size} does not divide both dim {rows[0]} and "
+                          f"hidden_dim {rows[1]} (runq would compute wrong numbers); try {fits}")
+    return group_size
+
+
+def quantize_q80(w, group_size):
+    """Q8_0: each run of group_size consecutive values (row-major) becomes int8 values q and one
+    float32 scale = max|x| / 127, with x ~= q * scale. Rounds half to even, like the torch.round
+    of upstream's export.py, so the files agree byte for byte.
+    Returns (q shaped like w, scales (one per group), largest absolute error)."""
+    w = np.asarray(w, dtype=np.float32)
+    if group_size < 1 or w.size % group_size:
+        raise ExportError(f"{w.size} values do not split into groups of {group_size}")
+    x = w.reshape(-1, group_size)
+    scale = np.abs(x).max(axis=1) / np.float32(127.0)
+    # An all-zero group has scale 0: divide it by 1 instead, its values stay 0.
+    q = x / np.where(scale > 0, scale, np.float32(1.0))[:, None]
+    np.round(q, out=q)
+    q = q.astype(np.int8)
+    error = float(np.abs(q * scale[:, None] - x).max())
+    return q.reshape(w.shape), scale, error
+
+
+def _dequantize(q, scale, shape):
+    group_size = q.size // scale.size
+    return (q.reshape(-1, group_size) * scale[:, None]).reshape(shape)
+
+
+# ---------------------------------------------------------------------------- reading
+
+def read_model(path, log=None):
+    """Read a llama2.c model file, v0, v1 or v2, into (config, weights, shared): weights are
+    float32 arrays named and shaped like run.c's TransformerWeights (see weight_shapes), v2 ones
+    dequantized; weights["wcls"] is weights["token_embedding_table"] when shared."""
+    log = log or _silent
+    with open(path, "rb") as fh:
+        header = formats.parse_header(fh.read(HEADER_SIZE), path)
+        formats.check_header(header, path)
+        formats.check_file_size(header, os.fstat(fh.fileno()).st_size, path)
+        version, cfg, shared = header.version, header.config, header.shared_classifier
+        group_size = header.group_size
+        shapes = weight_shapes(cfg)
+        fh.seek(header.size)
+
+        def fp32(shape):
+            return np.fromfile(fh, "<f4", math.prod(shape)).astype(np.float32, copy=False) \
+                .reshape(shape)
+
+        weights = {}
+        if version == 0:
+            for name in V0_ORDER:
+                weights[name] = fp32(shapes[name])
+            head_size = cfg["dim"] // cfg["n_heads"]
+            fh.seek(2 * cfg["seq_len"] * (head_size // 2) * 4, os.SEEK_CUR)  # freq_cis tables
+            if not shared:
+                weights["wcls"] = fp32(shapes["wcls"])
+        elif version == 1:
+            for name in NORMS + _tensor_names(shared):
+                weights[name] = fp32(shapes[name])
+        else:
+            for name in NORMS:
+                weights[name] = fp32(shapes[name])
+            for name in _tensor_names(shared):
+                out = np.empty(shapes[name], np.float32)
+                for piece in _pieces(name, out):
+                    q = np.fromfile(fh, np.int8, piece.size)
+                    scale = np.fromfile(fh, "<f4", piece.size // group_size)
+                    piece[...] = _dequantize(q, scale, piece.shape)
+                weights[name] = out
+        if shared:
+            weights["wcls"] = weights["token_embedding_table"]
+    log(f"read {path}: version {version}, {cfg}, {'shared' if shared else 'separate'} classifier")
+    return cfg, weights, shared
+
+
+# ---------------------------------------------------------------------------- writing
+
+def _write(fh, array, dtype):
+    """Stream one tensor's bytes to the file without an intermediate bytes copy."""
+    fh.write(memoryview(np.ascontiguousarray(array, dtype=dtype)).cast("B"))
+
+
+def _config_ints(cfg):
+    return [cfg[key] for key in CONFIG_KEYS]
+
+
+def _write_header(fh, version, cfg, shared, extra=b""):
+    head = struct.pack("<Ii7iB", MAGIC, version, *_config_ints(cfg), shared) + extra
+    fh.write(head + b"\0" * (HEADER_SIZE - len(head)))  # no tell(): the output may be a pipe
+
+
+def rope_tables(config, start=0, stop=None):
+    """v0's freq_cis_real and freq_cis_imag tables (rows start..stop, default all seq_len),
+    computed in float32 in model.py's order. run.c skips them (it computes RoPE itself);
+    upstream's files, written with torch's cos and sin, can differ from these in the last bit."""
+    head_size = config["dim"] // config["n_heads"]
+    inv = 1.0 / (10000.0 ** (np.arange(0, head_size, 2)[: head_size // 2].astype(np.float32)
+                             / head_size))
+    positions = np.arange(start, config["seq_len"] if stop is None else stop).astype(np.float32)
+    angles = np.outer(positions, inv).astype(np.float32)
+    return np.cos(angles), np.sin(angles)
+
+
+# The writers replace path only with a complete file (llama2_cython.files.atomic_write): an error,
+# Ctrl-C or kill part-way leaves the old file as it was.
+
+def write_v0(path, config, weights, shared, log=None):
+    """Write the legacy format that upstream run.c reads (version 0)."""
+    log = log or _silent
+    cfg = _check_config(config, "config")
+    _check_weights(cfg, weights, shared)
+    header = _config_ints(cfg)
+    if not shared:
+        header[CONFIG_KEYS.index("vocab_size")] *= -1
+    with atomic_write(path) as fh:
+        fh.write(struct.pack("<7i", *header))
+        for name in V0_ORDER:
+            _write(fh, weights[name], "<f4")
+            log(f"wrote {name} {np.shape(weights[name])}")
+        # all of freq_cis_real, then all of freq_cis_imag, a block of rows at a time: seq_len
+        # can be large, and nothing else is sized by it
+        for part in (0, 1):
+            for start in range(0, cfg["seq_len"], ROPE_ROWS):
+                _write(fh, rope_tables(cfg, start, min(start + ROPE_ROWS, cfg["seq_len"]))[part],
+                       "<f4")
+        if not shared:
+            _write(fh, weights["wcls"], "<f4")
+            log(f"wrote wcls {np.shape(weights['wcls'])}")
+
+
+def write_v1(path, config, weights, shared, log=None):
+    """Write version 1: all weights in float32 after a 256-byte header."""
+    log = log or _silent
+    cfg = _check_config(config, "config")
+    _check_weights(cfg, weights, shared)
+    with atomic_write(path) as fh:
+        _write_header(fh, 1, cfg, shared)
+        for name in NORMS + _tensor_names(shared):
+            _write(fh, weights[name], "<f4")
+            log(f"wrote {name} {np.shape(weights[name])}")
+
+
+def write_v2(path, config, weights, shared, group_size=64, *, back_off=True, log=None):
+    """Write version 2 (Q8_0, for runq), with group_size backed off as choose_group_size says
+    (or refused, with back_off=False). Returns the group size used."""
+    log = log or _silent
+    cfg = _check_config(config, "config")
+    _check_weights(cfg, weights, shared)
+    group_size = choose_group_size(cfg, group_size, back_off)
+    max_error = 0.0
+    with atomic_write(path) as fh:
+        _write_header(fh, 2, cfg, shared, struct.pack("<i", group_size))
+        for name in NORMS:
+            _write(fh, weights[name], "<f4")
+        for name in _tensor_names(shared):
+            error = 0.0
+            for piece in _pieces(name, np.asarray(weights[name])):
+                q, scale, piece_error = quantize_q80(piece, group_size)
+                _write(fh, q, np.int8)
+                _write(fh, scale, "<f4")
+                error = max(error, piece_error)
+            log(f"quantized {name} {np.shape(weights[name])} to Q8_0 with max error {error:g}")
+            max_error = max(max_error, error)
+    log(f"max quantization group error across all weights: {max_error:g}")
+    log(f"group size: {group_size}")
+    return group_size
+
+
+# ---------------------------------------------------------------------------- making weights
+
+def random_model(config, seed=0, shared=True):
+    """Seeded random float32 weights at the scale of the test fixtures (norm weights ~1, matrices
+    with std 4/sqrt(fan_in)), made directly in float32 so that big shapes are quick and take no
+    more memory than the model."""
+    cfg = _check_config(config, "config")
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in weight_shapes(cfg).items():
+        if name == "wcls" and shared:
+            weights[name] = weights["token_embedding_table"]
+            continue
+        array = rng.standard_normal(shape, dtype=np.float32)
+        if name in NORMS:
+            array *= np.float32(0.1)
+            array += np.float32(1.0)
+        elif name not in ("token_embedding_table", "wcls"):
+            array *= np.float32(4.0 / math.sqrt(shape[-1]))
+        weights[name] = array
+    return weights
+
+
+def _gather(cfg, names, load, shared, log):
+    """Weights in run.c's layout from a source where load(name) gives one tensor by its name in
+    `names`; per-layer tensors are stacked into preallocated arrays."""
+    weights = {}
+    for key, shape in weight_shapes(cfg).items():
+        if key == "wcls" and shared:
+            weights[key] = weights["token_embedding_table"]
+            continue
+        names_shapes = ([(names[key].format(i), shape[1:]) for i in range(cfg["n_layers"])]
+                        if key in LAYERED else [(names[key], shape)])
+        out = np.empty(shape, np.float32)
+        for piece, (name, piece_shape) in zip(_pieces(key, out), names_shapes):
+            tensor = load(name)
+            if tensor.shape != piece_shape:
+                raise ExportError(f"{name} has shape {tensor.shape}, the config says {piece_shape}")
+            piece[...] = tensor
+        weights[key] = out
+        log(f"read {key} {shape}")
+    return weights
+
+
+def weights_from_state_dict(state_dict, model_args, log=None):
+    """(config, weights, shared) from a llama2.c train.py checkpoint's 'model' state_dict (as
+    NumPy arrays) and its 'model_args'. hidden_dim comes from w1's shape: model_args has only
+    multiple_of, from which model.py derives it."""
+    prefix = "_orig_mod."  # torch.compile'd models save their keys under this prefix
+    state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+    def load(name):
+        if name not in state:
+            raise ExportError(f"checkpoint: no tensor {name}")
+        return np.asarray(state[name])
+
+    try:
+        config = dict(dim=model_args["dim"],
+                      hidden_dim=load(CHECKPOINT_NAMES["w1"].format(0)).shape[0],
+                      n_layers=model_args["n_layers"], n_heads=model_args["n_heads"],
+                      n_kv_heads=model_args.get("n_kv_heads") or model_args["n_heads"],
+                      vocab_size=model_args["vocab_size"], seq_len=model_args["max_seq_len"])
+    except KeyError as e:
+        raise ExportError(f"checkpoint: model_args has no {e.args[0]}") from None
+    cfg = _check_config(config, "checkpoint")
+    # model.py ties output.weight to tok_embeddings.weight; the state_dict holds both.
+    shared = ("output.weight" not in state
+              or np.array_equal(load("output.weight"), load("tok_embeddings.weight")))
+    return cfg, _gather(cfg, CHECKPOINT_NAMES, load, shared, log or _silent), shared
+
+
+def load_checkpoint(path, log=None):
+    """(config, weights, shared) from a llama2.c train.py checkpoint (.pt); needs PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        raise ExportError("--checkpoint needs PyTorch (pip install torch)") from None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code
+        state_dict, model_args = checkpoint["model"], checkpoint["model_args"]
+    except OSError:
+        raise  # the CLI reports file errors as such
+    except Exception as e:  # torch.load fails in many ways on files that are not checkpoints
+        first_line = (str(e).strip().splitlines() or [""])[0]  # torch's messages run to pages
+        raise ExportError(f"{path}: not a llama2.c checkpoint ({type(e).__name__}: {first_line})") from None
+    state = {name: tensor.detach().to(torch.float32).numpy() for name, tensor in state_dict.items()}
+    return weights_from_state_dict(state, model_args, log)
+
+
+# ---------------------------------------------------------------------------- Hugging Face
+
+# config.json's sizes, as run.c's Config names them
+HF_SIZES = {"hidden_size": "dim", "intermediate_size": "hidden_dim",
+            "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+            "num_key_value_heads": "n_kv_heads", "vocab_size": "vocab_size",
+            "max_position_embeddings": "seq_len"}
+# the config.json sizes that make each weight's (per-layer) shape
+HF_SHAPE_KEYS = {
+    "token_embedding_table": "[vocab_size, hidden_size]",
+    "rms_att_weight": "[hidden_size]",
+    "wq": "[hidden_size, hidden_size]",
+    "wk": "[num_key_value_heads * head_dim, hidden_size]",
+    "wv": "[num_key_value_heads * head_dim, hidden_size]",
+    "wo": "[hidden_size, hidden_size]",
+    "rms_ffn_weight": "[hidden_size]",
+    "w1": "[intermediate_size, hidden_size]",
+    "w2": "[hidden_size, intermediate_size]",
+    "w3": "[intermediate_size, hidden_size]",
+    "rms_final_weight": "[hidden_size]",
+    "wcls": "[vocab_size, hidden_size]",
+}
+ROPE_THETA = 10000.0  # run.c's RoPE base
+RMS_NORM_EPS = 1e-5  # run.c's RMSNorm epsilon
+# tensors that older transformers saved and that hold nothing but base-10000 RoPE frequencies,
+# compared within two units in the last place of their dtype
+HF_INV_FREQ = "model.layers.{}.self_attn.rotary_emb.inv_freq"
+INV_FREQ_RTOL = {"F64": 3e-7, "F32": 3e-7, "F16": 2e-3, "BF16": 1.6e-2}
+MAX_JSON_BYTES = 100_000_000  # the safetensors format's own limit for its header
+
+
+def _show(value):
+    """A config value as config.json spells it, on one short line."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_json(path, what):
+    if os.path.getsize(path) > MAX_JSON_BYTES:
+        raise ExportError(f"{path}: {os.path.getsize(path)} bytes, too big for a {what}")
+    try:
+        with open(path, "rb") as fh:
+            return json.loads(fh.read())
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"{path}: {what} is not JSON ({reason})") from None
+
+
+def _hf_config(config_path):
+    """(run.c config, tied classifier) from a Hugging Face Llama config.json, in either the
+    transformers 4.x layout (top-level rope_theta, rope_scaling) or the 5.x one
+    (rope_parameters). Everything that llama2.c's format cannot represent is refused, naming the
+    key, and the sizes are checked as JSON integers before anything is allocated."""
+    hf = _read_json(config_path, "config.json")
+    if not isinstance(hf, dict):
+        raise ExportError(f"{config_path}: {_show(hf)} is not a JSON object")
+
+    def refuse(key, reason):
+        raise ExportError(f"{config_path}: {key} is {_show(hf_value(key))}: {reason}")
+
+    def hf_value(key):
+        value = hf
+        for part in key.split("."):
+            value = value[part]
+        return value
+
+    if "model_type" not in hf:
+        raise ExportError(f"{config_path}: no model_type, not a transformers config.json")
+    if hf["model_type"] != "llama":
+        refuse("model_type", "not llama (llama2.c's format holds Llama models only)")
+    if "architectures" in hf and hf["architectures"] not in (None, ["LlamaForCausalLM"]):
+        refuse("architectures", 'not ["LlamaForCausalLM"]')
+
+    sizes = {}
+    for key, name in HF_SIZES.items():
+        value = hf.get(key)
+        if value is None and key == "num_key_value_heads":
+            value = sizes["n_heads"]  # no grouped-query attention
+        elif key not in hf:
+            raise ExportError(f"{config_path}: no {key}")
+        elif not _is_int(value) or not 0 < value <= INT32_MAX:
+            refuse(key, f"not a positive integer (at most {INT32_MAX})")
+        sizes[name] = value
+    cfg = _check_config(sizes, config_path)
+    head_size = cfg["dim"] // cfg["n_heads"]
+    if hf.get("head_dim") not in (None, head_size):
+        refuse("head_dim", f"run.c's head size is hidden_size / num_attention_heads = {head_size}")
+    if head_size % 2:
+        raise ExportError(f"{config_path}: the head size hidden_size / num_attention_heads = "
+                          f"{head_size} is odd; RoPE rotates pairs")
+
+    # what the model computes beyond run.c's fixed Llama 2: each would give other logits
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # two names of x * sigmoid(x)
+        refuse("hidden_act", "run.c's feed-forward is SwiGLU, with silu")
+    for key, part in (("attention_bias", "attention"), ("mlp_bias", "feed-forward")):
+        if hf.get(key, False) is not False:
+            refuse(key, f"run.c's {part} has no biases")
+    if hf.get("rms_norm_eps", RMS_NORM_EPS) != RMS_NORM_EPS:
+        refuse("rms_norm_eps", f"run.c's RMSNorm uses {RMS_NORM_EPS}")
+    if hf.get("rope_theta", ROPE_THETA) != ROPE_THETA:
+        refuse("rope_theta", f"run.c's RoPE base is {ROPE_THETA:g}")
+    scaling = hf.get("rope_scaling")
+    if scaling is not None and scaling not in ({"type": "default"}, {"rope_type": "default"}):
+        refuse("rope_scaling", "run.c has no RoPE scaling")
+    if "rope_parameters" in hf:  # transformers 5.x: the base and any scaling live here
+        rope = hf["rope_parameters"]
+        if not isinstance(rope, dict):
+            refuse("rope_parameters", "not a JSON object")
+        for key, value in rope.items():
+            if key == "rope_theta" and value != ROPE_THETA:
+                refuse("rope_parameters.rope_theta", f"run.c's RoPE base is {ROPE_THETA:g}")
+            elif key == "rope_type" and value != "default":
+                refuse("rope_parameters.rope_type", "run.c has no RoPE scaling")
+            elif key not in ("rope_theta", "rope_type"):
+                refuse(f"rope_parameters.{key}", "run.c has no RoPE scaling")
+    if hf.get("quantization_config") is not None:
+        refuse("quantization_config", "quantized checkpoints are not read, only float tensors")
+    tied = hf.get("tie_word_embeddings", False)  # LlamaConfig's default
+    if not isinstance(tied, bool):
+        refuse("tie_word_embeddings", "not true or false")
+    return cfg, tied
+
+
+def _safetensors_index(path):
+    """{tensor name: (path, absolute offset, dtype, shape)} from a .safetensors file's header
+    (8-byte little-endian length, then JSON), every entry checked: a float dtype, a shape of
+    non-negative integers, data_offsets that hold exactly that many bytes inside the file and
+    overlap no other tensor's. Read here rather than with the safetensors package: its NumPy
+    API cannot give bf16 tensors, the usual dtype of Llama checkpoints."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if length is None or not 0 < length <= min(size - 8, MAX_JSON_BYTES):
+            raise ExportError(f"{path}: not a safetensors file (header length {length} in a "
+                              f"file of {size} bytes)")
+        try:
+            header = json.loads(fh.read(length))
+        except (ValueError, RecursionError):
+            raise ExportError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ExportError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    data_start, data_size = 8 + length, size - 8 - length
+    spans, index = [], {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name}"
+        if not isinstance(info, dict):
+            raise ExportError(f"{where} is {_show(info)}, not a tensor's description")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ExportError(f"{where} has dtype {_show(dtype)}, not one of "
+                              f"{', '.join(SAFETENSORS_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+            raise ExportError(f"{where} has shape {_show(shape)}, not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+            raise ExportError(f"{where} has data_offsets {_show(offsets)}, not [begin, end]")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise ExportError(f"{where} has data_offsets {_show(offsets)}, outside the "
+                              f"{data_size} bytes of data in the file")
+        nbytes = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+        if end - begin != nbytes:
+            raise ExportError(f"{where} has data_offsets {_show(offsets)} ({end - begin} bytes) "
+                              f"for shape {shape} in {dtype} ({nbytes} bytes)")
+        if begin < end:
+            spans.append((begin, end, name))
+        index[name] = (path, data_start + begin, dtype, tuple(shape))
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ExportError(f"{path}: tensors {first} and {second} overlap")
+    return index
+
+
+def _hf_tensors(folder, cfg, tied):
+    """The safetensors index of folder's *.safetensors files, checked against the config: every
+    tensor it needs there, with its shape; nothing else (a bias, another layer) but base-10000
+    RoPE frequencies; lm_head.weight exactly when the classifier is not tied."""
+    files = sorted(glob.glob(os.path.join(glob.escape(str(folder)), "*.safetensors")))
+    if not files:
+        raise ExportError(f"{folder}: no *.safetensors files")
+    index = {}
+    for path in files:
+        for name, entry in _safetensors_index(path).items():
+            if name in index:
+                raise ExportError(f"{folder}: tensor {name} is in both {index[name][0]} and {path}")
+            index[name] = entry
+
+    shapes = weight_shapes(cfg)
+    expected = {}  # tensor name: (its key in run.c, its shape)
+    for key, name in HF_NAMES.items():
+        if key not in LAYERED and not (key == "wcls" and tied):
+            expected[name] = key, shapes[key]
+    # layer by layer, so that a config claiming 10^9 layers stops at the first missing tensor
+    for i in range(cfg["n_layers"]):
+        for key in LAYERED:
+            name = HF_NAMES[key].format(i)
+            if name not in index:
+                raise ExportError(f"{folder}: no tensor {name} in the *.safetensors files "
+                                  f"(config.json: num_hidden_layers {cfg['n_layers']})")
+            expected[name] = key, shapes[key][1:]
+    for name, (key, expected_shape) in expected.items():
+        if name not in index:
+            raise ExportError(f"{folder}: no tensor {name} in the *.safetensors files")
+        path, _, _, shape = index[name]
+        if shape != tuple(expected_shape):
+            raise ExportError(f"{path}: tensor {name} has shape {list(shape)}, but config.json's "
+                              f"{HF_SHAPE_KEYS[key]} is {list(expected_shape)}")
+    head_size = cfg["dim"] // cfg["n_heads"]
+    inv_freq = {HF_INV_FREQ.format(i) for i in range(cfg["n_layers"])}
+    for name in sorted(set(index) - set(expected)):
+        path = index[name][0]
+        if name == HF_NAMES["wcls"] and tied:
+            if _load_safetensor(index, name).tobytes() != \
+                    _load_safetensor(index, HF_NAMES["token_embedding_table"]).tobytes():
+                raise ExportError(f"{path}: tensor {name} differs from the embedding table, but "
+                                  f"config.json has tie_word_embeddings true")
+        elif name in inv_freq:
+            inv = 1.0 / (ROPE_THETA ** (np.arange(0, head_size, 2, dtype=np.float32) / head_size))
+            got, rtol = _load_safetensor(index, name), INV_FREQ_RTOL[index[name][2]]
+            if got.shape != inv.shape or not np.allclose(got, inv, rtol=rtol, atol=0):
+                raise ExportError(f"{path}: tensor {name} holds other RoPE frequencies than "
+                                  f"run.c's base {ROPE_THETA:g}")
+        elif name.endswith(".bias"):
+            raise ExportError(f"{path}: tensor {name} is a bias; run.c's layers have none")
+        elif re.match(r"model\.layers\.\d+\.", name):
+            raise ExportError(f"{path}: tensor {name} is not part of config.json's "
+                              f"num_hidden_layers {cfg['n_layers']} Llama layers")
+        else:
+            raise ExportError(f"{path}: tensor {name} has no place in a llama2.c model")
+    return index
+
+
+def _load_safetensor(index, name):
+    path, offset, dtype, shape = index[name]
+    raw = np.fromfile(path, SAFETENSORS_DTYPES[dtype], math.prod(shape), offset=offset)
+    if raw.size != math.prod(shape):  # the file shrank since its header was read
+        raise ExportError(f"{path}: truncated at tensor {name}")
+    if dtype == "BF16":  # bfloat16 is the top half of a float32
+        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    return raw.astype(np.float32).reshape(shape)
+
+
+def _unpermute(w, n_heads):
+    """Undo the permutation HF's convert_llama_weights_to_hf.py applies to each head's wq / wk
+    rows: it moves the interleaved (even, odd) rotary pairs that run.c's RoPE rotates into two
+    halves. w is stacked over layers: (n_layers, n_heads * head_size, dim)."""
+    layers, rows, cols = w.shape
+    halves = w.reshape(layers, n_heads, 2, rows // n_heads // 2, cols)
+    return np.ascontiguousarray(halves.transpose(0, 1, 3, 2, 4)).reshape(layers, rows, cols)
+
+
+def load_hf(folder, log=None):
+    """(config, weights, shared) from a Hugging Face Llama folder: config.json and *.safetensors
+    (float32, float16 or bfloat16). Converts exactly what transformers' LlamaForCausalLM computes,
+    or refuses (ExportError naming the key or tensor) before reading any weight."""
+    log = log or _silent
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise ExportError(f"{folder}: no config.json, not a Hugging Face model folder")
+    cfg, tied = _hf_config(config_path)
+    index = _hf_tensors(folder, cfg, tied)
+    weights = _gather(cfg, HF_NAMES, lambda name: _load_safetensor(index, name), tied, log)
+    weights["wq"] = _unpermute(weights["wq"], cfg["n_heads"])
+    weights["wk"] = _unpermute(weights["wk"], cfg["n_kv_heads"])
+    return cfg, weights, tied
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def _message(error):
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Write a llama2.c model file: version 0 (legacy, run.c), 1 (float32) or "
+                    "2 (Q8_0, runq.c).")
+    parser.add_argument("filepath", help="the output file")
+    parser.add_argument("--version", type=int, choices=(0, 1, 2), default=0,
+                        help="the format to write (default 0)")
+    parser.add_argument("--group-size", type=int, metavar="N",
+                        help="Q8_0 group size for version 2; must divide dim and hidden_dim "
+                             "(default: 64, halved until it does)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bin", metavar="IN.bin", help="a llama2.c model file of any version")
+    source.add_argument("--checkpoint", metavar="CKPT.pt",
+                        help="a llama2.c train.py checkpoint (needs torch)")
+    source.add_argument("--hf", metavar="DIR",
+                        help="a Hugging Face Llama folder (config.json, *.safetensors)")
+    args = parser.parse_args(argv)
+    if args.group_size is not None and args.version != 2:
+        parser.error("--group-size applies to --version 2 only")
+
+    def progress(message):
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        source_path = args.bin or args.checkpoint or args.hf
+        if not os.path.exists(source_path):
+            raise ExportError(f"{source_path}: no such file or directory")
+        out_dir = os.path.dirname(os.path.abspath(args.filepath))
+        if not os.path.isdir(out_dir):  # say so before a long conversion, not after it
+            raise ExportError(f"{out_dir}: no such directory")
+        if args.bin:
+            config, weights, shared = read_model(args.bin, progress)
+        elif args.checkpoint:
+            config, weights, shared = load_checkpoint(args.checkpoint, progress)
+        else:
+            config, weights, shared = load_hf(args.hf, progress)
+        if args.version == 0:
+            write_v0(args.filepath, config, weights, shared, log=progress)
+        elif args.version == 1:
+            write_v1(args.filepath, config, weights, shared, log=progress)
+        elif args.group_size is None:
+            write_v2(args.filepath, config, weights, shared, log=progress)
+        else:
+            write_v2(args.filepath, config, weights, shared, args.group_size, back_off=False,
+                     log=progress)
+    except (ExportError, OSError) as e:
+        print(f"export.py: error: {_message(e)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"export.py: error: out of memory converting {source_path}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.filepath} (version {args.version})")
+    return 0
+
+
+def command(argv=None):
+    """The command line: `python export.py` in the repo, `llama2-export` once installed."""
+    return run_command(os.path.basename(sys.argv[0]) or "export.py", main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(command())
