@@ -13,7 +13,6 @@ from libc.stdlib cimport bsearch, calloc, free, malloc, qsort
 from libc.string cimport memcpy, memset, strcmp, strlen
 
 import array
-import builtins
 import os
 import sys
 import threading
@@ -731,25 +730,7 @@ cdef void swiglu(float* hb, const float* hb2, int hidden_dim) noexcept nogil:
         val *= hb2[i]
         hb[i] = val
 
-cdef void forward_prompt(Transformer transformer, const int* tokens, int n, int pos,
-                         bint all_logits) noexcept nogil:
-    # tokens[0..n) at positions pos.. on the transformer's own run state, MAX_BATCH at a time.
-    # The last token's logits go to its state (s.logits), as n calls of forward() leave them; with
-    # all_logits (n <= MAX_BATCH), every token's logits stay in the batch state's rows instead
-    cdef BatchEntry batch[MAX_BATCH]
-    cdef int start = 0, B, b
-    while start < n:
-        B = min(MAX_BATCH, n - start)
-        for b in range(B):
-            batch[b].s = &transformer.state
-            batch[b].token = tokens[start + b]
-            batch[b].pos = pos + start + b
-            batch[b].want_logits = all_logits or start + b == n - 1
-        forward_batch(transformer, &transformer.batch, batch, B)
-        start += B
-    if not all_logits:
-        memcpy(transformer.state.logits, transformer.batch.logits,
-               transformer.c_config.vocab_size * sizeof(float))
+include "batch.pxi"
 
 # ----------------------------------------------------------------------------
 # The Byte Pair Encoding (BPE) Tokenizer that translates strings <-> tokens
@@ -900,10 +881,6 @@ cdef void safe_printf(const char* piece) except *:
         write_stdout(piece, strlen(piece))
 
 include "stdout.pxi"
-
-def printable(bytes piece):
-    """Whether safe_printf prints piece (the Python API's filter)."""
-    return printable_piece(piece)
 
 cdef int str_lookup(const char* str, TokenIndex* sorted_vocab, int vocab_size) noexcept:
     # efficiently find the perfect match for str in vocab, return its index or -1 if not found
@@ -1407,45 +1384,11 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
         tok_per_s = (pos - prefilled - 1) / <double>max(time_in_ms() - start, 1) * 1000
     return tok_per_s, prefilled, prefilled / max(prefill_ms, 1) * 1000
 
-cdef int prefill(transformer, list tokens, int n) except -1:
-    # tokens[0..n) at positions 0..n-1 through forward_batch: the KV cache that n forward() calls
-    # leave. Returns n, or 0 for an engine without a batched forward (run_cuda)
-    if n <= 0 or not isinstance(transformer, Transformer):
-        return 0
-    cdef int[::1] ids = array.array("i", tokens[:n])
-    cdef Transformer t = transformer
-    with nogil:
-        forward_prompt(t, &ids[0], n, 0, False)
-    return n
-
 cdef float[::1] forward_logits(transformer, int token, int pos):
     # the fp32 Transformer runs forward() in place; other engines (run_cuda) bring their own
     if isinstance(transformer, Transformer):
         return <float[:(<Transformer>transformer).c_config.vocab_size]>forward(transformer, token, pos)
     return transformer.forward(token, pos)
-
-def print_generation(pieces):
-    """What run.c's generate() prints: each piece as it comes, a newline, and the tok/s on stderr
-    (with, apart, the prompt tokens that went through the model together)."""
-    cdef bytes piece
-    while True:
-        try:
-            piece = builtins.next(pieces)
-        except StopIteration as done:
-            tok_per_s, prefilled, prefill_tok_per_s = done.value
-            break
-        safe_printf(piece)
-        flush_stdout()
-        # forward() runs in C without the eval loop: look for Ctrl-C once a token
-        PyErr_CheckSignals()
-    write_stdout(b"\n", 1)
-    flush_stdout()
-    if tok_per_s is not None or prefilled:
-        sys.stderr.write("achieved tok/s: %f" % (tok_per_s or 0.0))
-        if prefilled:
-            sys.stderr.write(" (after a prompt of %d tokens fed together at %f tok/s)"
-                             % (prefilled, prefill_tok_per_s))
-        sys.stderr.write("\n")
 
 def read_stdin(guide):
     # read a line from stdin, after the guide; None at end of input (cli.read_line says how it
@@ -1461,20 +1404,6 @@ def read_stdin(guide):
 # I manually inspected the tokens for a few chat conversations compared to
 # python reference and that seemed ok, but this was not thoroughly tested and
 # is not safely implemented, it's more a proof of concept atm.
-
-cdef int prompt_chunk(Transformer transformer, list tokens, int start, int n, int pos) except -1:
-    # tokens[start..start+n) at positions pos.., at most MAX_BATCH of them, through forward_batch,
-    # their logits left in the batch state (batch_logits); returns how many went
-    n = min(n, MAX_BATCH)
-    cdef int[::1] ids = array.array("i", tokens[start:start + n])
-    with nogil:
-        forward_prompt(transformer, &ids[0], n, pos, True)
-    return n
-
-cdef float[::1] batch_logits(Transformer transformer, int row):
-    # the logits of the row-th token of the last prompt_chunk
-    cdef int vocab_size = transformer.c_config.vocab_size
-    return <float[:vocab_size]>(transformer.batch.logits + <Py_ssize_t>row * vocab_size)
 
 def chat(transformer, Tokenizer tokenizer, Sampler sampler, cli_user_prompt, cli_system_prompt,
          int steps):

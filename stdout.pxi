@@ -1,9 +1,11 @@
 # Included by run.pyx and runq.pyx (written once, as it has no twin in the C): run.c's printf and
-# fflush to stdout, with the write errors that C ignores turned into exceptions for main.
+# fflush to stdout, with the write errors that C ignores turned into exceptions for main; the
+# printing side of generate() (print_generation), and safe_printf's test for the Python API.
 from libc.errno cimport errno, EIO, EPIPE
 from libc.stdio cimport fflush, fwrite, stdout
 
 import os as _os
+import sys as _sys
 
 cdef void write_stdout(const char* data, size_t n) except *:
     # a closed pipe (`| head`) raises BrokenPipeError (main stops quietly), any other error (a
@@ -24,3 +26,30 @@ cdef void raise_stdout_error() except *:
 def flush_quietly():
     # what main flushes before it reports Ctrl-C: whatever can still be written
     fflush(stdout)
+
+def printable(bytes piece):
+    """Whether safe_printf prints piece (the Python API's filter)."""
+    return printable_piece(piece)
+
+def print_generation(pieces):
+    """What run.c's generate() prints, from generate()'s pieces: each piece as it comes, a newline,
+    and the tok/s on stderr (with, apart, the prompt tokens that went through the model together)."""
+    cdef bytes piece
+    while True:
+        try:
+            piece = next(pieces)
+        except StopIteration as done:
+            tok_per_s, prefilled, prefill_tok_per_s = done.value
+            break
+        safe_printf(piece)
+        flush_stdout()
+        # forward() runs in C without the eval loop: look for Ctrl-C once a token
+        PyErr_CheckSignals()
+    write_stdout(b"\n", 1)
+    flush_stdout()
+    if tok_per_s is not None or prefilled:
+        _sys.stderr.write("achieved tok/s: %f" % (tok_per_s or 0.0))
+        if prefilled:
+            _sys.stderr.write(" (after a prompt of %d tokens fed together at %f tok/s)"
+                              % (prefilled, prefill_tok_per_s))
+        _sys.stderr.write("\n")

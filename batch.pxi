@@ -1,0 +1,48 @@
+# Included by run.pyx and runq.pyx after their forward_batch (written once: it has no twin in the
+# C, and is the same for both): the driver that feeds a prompt through forward_batch, for
+# Transformer.forward_prompt, generate and chat.
+
+cdef void forward_prompt(Transformer transformer, const int* tokens, int n, int pos,
+                         bint all_logits) noexcept nogil:
+    # tokens[0..n) at positions pos.. on the transformer's own run state, MAX_BATCH at a time.
+    # The last token's logits go to its state (s.logits), as n calls of forward() leave them; with
+    # all_logits (n <= MAX_BATCH), every token's logits stay in the batch state's rows instead
+    cdef BatchEntry batch[MAX_BATCH]
+    cdef int start = 0, B, b
+    while start < n:
+        B = min(MAX_BATCH, n - start)
+        for b in range(B):
+            batch[b].s = &transformer.state
+            batch[b].token = tokens[start + b]
+            batch[b].pos = pos + start + b
+            batch[b].want_logits = all_logits or start + b == n - 1
+        forward_batch(transformer, &transformer.batch, batch, B)
+        start += B
+    if not all_logits:
+        memcpy(transformer.state.logits, transformer.batch.logits,
+               transformer.c_config.vocab_size * sizeof(float))
+
+cdef int prefill(transformer, list tokens, int n) except -1:
+    # tokens[0..n) at positions 0..n-1 through forward_batch: the KV cache that n forward() calls
+    # leave. Returns n, or 0 for an engine without a batched forward (run_cuda)
+    if n <= 0 or not isinstance(transformer, Transformer):
+        return 0
+    cdef int[::1] ids = array.array("i", tokens[:n])
+    cdef Transformer t = transformer
+    with nogil:
+        forward_prompt(t, &ids[0], n, 0, False)
+    return n
+
+cdef int prompt_chunk(Transformer transformer, list tokens, int start, int n, int pos) except -1:
+    # tokens[start..start+n) at positions pos.., at most MAX_BATCH of them, through forward_batch,
+    # their logits left in the batch state (batch_logits); returns how many went
+    n = min(n, MAX_BATCH)
+    cdef int[::1] ids = array.array("i", tokens[start:start + n])
+    with nogil:
+        forward_prompt(transformer, &ids[0], n, pos, True)
+    return n
+
+cdef float[::1] batch_logits(Transformer transformer, int row):
+    # the logits of the row-th token of the last prompt_chunk
+    cdef int vocab_size = transformer.c_config.vocab_size
+    return <float[:vocab_size]>(transformer.batch.logits + <Py_ssize_t>row * vocab_size)
