@@ -11,6 +11,11 @@ and GB/s / numpy's GB/s says how close to memory-bound the port is.
 
 With run_cuda (on an NVIDIA GPU with PyCUDA), the ratio is the fraction of the GPU's memory
 bandwidth that the weights stream at.
+
+Then prefill, for run and runq: the tok/s at which a 128-token prompt goes through the model
+together (what the command line reports for it), against the same program's decode tok/s and
+against the FLOP rate of numpy's sgemm multiplying the same 128 x dim activations by the same
+weight matrices (a prompt is compute-bound, decode is memory-bound).
 """
 import argparse
 import os
@@ -36,6 +41,9 @@ SHAPES = {
 # the acceptance targets of the issues (../shared/NOTES.md has the C figures they come from)
 TARGETS = {("run", "110M"): ("ratio", 0.95), ("run", "15M"): ("tok/s", 750.0),
            ("runq", "110M"): ("ratio", 0.45), ("run_cuda", "110M"): ("tok/s", 1500.0)}
+# prefill of a 128-token prompt (issue 11): x its decode tok/s, and x numpy's sgemm FLOP rate
+PREFILL_TARGETS = {("run", "110M"): (8.0, 0.6), ("runq", "110M"): (4.0, 0.6)}
+PROMPT_TOKENS = 128
 
 
 def write_tokenizer(path, vocab_size):
@@ -91,6 +99,37 @@ def numpy_sgemv_gbps(matrices, repeats, passes):
     return nbytes / best / 1e9
 
 
+def numpy_sgemm_gflops(matrices, rows, repeats):
+    """GFLOP/s of numpy's sgemm multiplying a (rows, n) block by each matrix in turn, best of
+    repeats passes: what a prompt of `rows` tokens fed together asks of each layer."""
+    blocks = {m.shape[1]: np.random.default_rng(0).standard_normal((rows, m.shape[1]), dtype=np.float32)
+              for m in matrices}
+    flops = sum(2 * rows * m.size for m in matrices)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for m in matrices:
+            blocks[m.shape[1]] @ m.T
+        best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
+def prefill_tok_s(command, model, tokenizer, repeats):
+    """The best rate at which command feeds a prompt of PROMPT_TOKENS tokens together, as it
+    reports it on stderr. The prompt is bytes that no piece merges: BOS, the dummy prefix, 127 byte
+    tokens; the last of them goes through forward() and is not counted."""
+    best = 0.0
+    prompt = "a" * (PROMPT_TOKENS - 1)
+    for _ in range(repeats):
+        proc = subprocess.run([*command, str(model), "-z", str(tokenizer), "-n", str(PROMPT_TOKENS + 2),
+                               "-t", "0", "-i", prompt], cwd=REPO, capture_output=True, text=True,
+                              check=True)
+        found = re.search(r"after a prompt of (\d+) tokens fed together at ([0-9.]+) tok/s", proc.stderr)
+        assert int(found.group(1)) == PROMPT_TOKENS, proc.stderr
+        best = max(best, float(found.group(2)))
+    return best
+
+
 def decode_tok_s(command, model, tokenizer, steps, repeats):
     """The best `achieved tok/s` that command (a run-like CLI) reports over repeats greedy runs."""
     best = 0.0
@@ -130,9 +169,11 @@ def main():
 
     print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cpus, "
           f"{args.steps} steps, best of {args.repeats}" + (f", GPU: {gpu[0]}" if gpu else ""))
+    print("\nDecode:")
     print("| program | shape | weights/token | tok/s | GB/s | numpy sgemv (GPU peak) GB/s | ratio | target |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     failed = False
+    decode = {}
     for name in args.shapes:
         fp32, q80, tok = model_files(name, "runq" in args.programs)
         matrices = matmul_weights(fp32)
@@ -149,6 +190,7 @@ def main():
             elif prog == "run_cuda":
                 reference = gpu[1]
             tok_s = decode_tok_s(COMMANDS[prog], model, tok, args.steps, args.repeats)
+            decode[prog, name] = tok_s
             gbps = tok_s * nbytes / 1e9
             ratio = gbps / reference
             target = TARGETS.get((prog, name))
@@ -160,6 +202,30 @@ def main():
                 verdict = f"{target[0]} >= {target[1]:g}: {'met' if ok else 'MISSED'}"
             print(f"| {prog} | {name} | {nbytes / 1e6:.0f} MB | {tok_s:.1f} | {gbps:.1f} | "
                   f"{reference:.1f} | {ratio:.2f} | {verdict} |", flush=True)
+
+    cpu_programs = [p for p in args.programs if p in ("run", "runq")]
+    if cpu_programs:
+        print(f"\nPrefill of a {PROMPT_TOKENS}-token prompt:")
+        print("| program | shape | prefill tok/s | x decode | GFLOP/s | numpy sgemm GFLOP/s | ratio | target |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.shapes if cpu_programs else []:
+        fp32, q80, tok = model_files(name, "runq" in cpu_programs)
+        layers = matmul_weights(fp32)[:-1]  # the classifier runs for the last prompt token only
+        sgemm = numpy_sgemm_gflops(layers, PROMPT_TOKENS, args.repeats)
+        flops_per_token = sum(2 * m.size for m in layers)
+        for prog in cpu_programs:
+            tok_s = prefill_tok_s(COMMANDS[prog], q80 if prog == "runq" else fp32, tok, args.repeats)
+            gflops = tok_s * flops_per_token / 1e9
+            speedup = tok_s / decode[prog, name]
+            verdict = ""
+            target = PREFILL_TARGETS.get((prog, name))
+            if target:
+                ok = speedup >= target[0] and gflops / sgemm >= target[1]
+                failed |= not ok
+                verdict = (f"x decode >= {target[0]:g}, ratio >= {target[1]:g}: "
+                           f"{'met' if ok else 'MISSED'}")
+            print(f"| {prog} | {name} | {tok_s:.1f} | {speedup:.1f} | {gflops:.1f} | {sgemm:.1f} | "
+                  f"{gflops / sgemm:.2f} | {verdict} |", flush=True)
     return 1 if failed else 0
 
 
