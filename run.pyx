@@ -142,9 +142,7 @@ cdef class Transformer:
         t.shared_weights = self.shared_weights
         t.file_size = self.file_size
         t.checkpoint_path = self.checkpoint_path
-        t.state_lock = threading.Lock()
-        malloc_run_state(&t.state, &t.c_config)
-        malloc_batch_state(&t.batch, &t.c_config)
+        malloc_states(t)
         return t
 
     def __dealloc__(self):
@@ -235,7 +233,8 @@ cdef void malloc_run_state(RunState* s, Config* p) except *:
     if (not s.x or not s.xb or not s.xb2 or not s.hb or not s.hb2 or not s.q
             or not s.key_cache or not s.value_cache or not s.att or not s.logits):
         free_run_state(s)
-        raise MemoryError("malloc failed for the run state (KV cache)")
+        raise MemoryError(f"malloc failed for the run state, whose KV cache alone is "
+                          f"{2 * p.n_layers * p.seq_len * kv_dim * sizeof(float)} bytes")
 
 cdef void free_run_state(RunState* s) noexcept:
     free(s.x)
@@ -330,8 +329,15 @@ cdef build_transformer(Transformer t, checkpoint_path):
     read_checkpoint(t, checkpoint_path)
     t.checkpoint_path = os.fsdecode(checkpoint_path)
     # allocate the RunState buffers
-    malloc_run_state(&t.state, &t.c_config)
-    malloc_batch_state(&t.batch, &t.c_config)
+    malloc_states(t)
+
+cdef malloc_states(Transformer t):
+    # the run state and forward_batch's, refused in one line that names the model on failure
+    try:
+        malloc_run_state(&t.state, &t.c_config)
+        malloc_batch_state(&t.batch, &t.c_config)
+    except MemoryError as e:
+        raise LlamaError(f"{t.checkpoint_path}: out of memory: {e}") from None
     t.state_lock = threading.Lock()
 
 # ----------------------------------------------------------------------------

@@ -157,9 +157,7 @@ cdef class Transformer:
         t.group_size = self.group_size
         t.file_size = self.file_size
         t.checkpoint_path = self.checkpoint_path
-        t.state_lock = threading.Lock()
-        malloc_run_state(&t.state, &t.c_config)
-        malloc_batch_state(&t.batch, &t.c_config)
+        malloc_states(t)
         return t
 
     def __dealloc__(self):
@@ -262,7 +260,8 @@ cdef void malloc_run_state(RunState* s, Config* p) except *:
             or not s.hq.q or not s.hq.s or not s.x16 or not s.q or not s.k or not s.v or not s.att
             or not s.logits or not s.key_cache or not s.value_cache):
         free_run_state(s)
-        raise MemoryError("malloc failed for the run state (KV cache)")
+        raise MemoryError(f"malloc failed for the run state, whose KV cache alone is "
+                          f"{2 * p.n_layers * p.seq_len * kv_dim * sizeof(float)} bytes")
 
 cdef void free_run_state(RunState* s) noexcept:
     free(s.x)
@@ -362,7 +361,8 @@ cdef void memory_map_weights(TransformerWeights* w, Config* p, char* ptr, bint s
     # dequantize token embedding table
     w.token_embedding_table = <float*>malloc(vocab_size * dim * sizeof(float))
     if not w.token_embedding_table:
-        raise MemoryError("malloc failed for the dequantized token embedding table")
+        raise MemoryError(f"malloc failed for the dequantized token embedding table "
+                          f"({vocab_size * dim * sizeof(float)} bytes)")
     dequantize(w.q_tokens, w.token_embedding_table, vocab_size * dim, GS)
 
     w.wq = init_quantized_tensors(&ptr, p.n_layers, dim * (p.n_heads * head_size), GS)
@@ -395,15 +395,25 @@ cdef read_checkpoint(Transformer t, checkpoint):
     t.shared_classifier = header.shared_classifier
     t.file_size = len(t._mmap)
     cdef char* weights_ptr = <char*>&t._data[<Py_ssize_t>header.size]  # skip header bytes. char is 1 byte
-    memory_map_weights(&t.c_weights, &t.c_config, weights_ptr, t.shared_classifier, t.group_size)
+    try:
+        memory_map_weights(&t.c_weights, &t.c_config, weights_ptr, t.shared_classifier, t.group_size)
+    except MemoryError as e:
+        raise LlamaError(f"{os.fsdecode(checkpoint)}: out of memory: {e}") from None
 
 cdef build_transformer(Transformer t, checkpoint_path):
     # read in the Config and the Weights from the checkpoint
     read_checkpoint(t, checkpoint_path)
     t.checkpoint_path = os.fsdecode(checkpoint_path)
     # allocate the RunState buffers
-    malloc_run_state(&t.state, &t.c_config)
-    malloc_batch_state(&t.batch, &t.c_config)
+    malloc_states(t)
+
+cdef malloc_states(Transformer t):
+    # the run state and forward_batch's, refused in one line that names the model on failure
+    try:
+        malloc_run_state(&t.state, &t.c_config)
+        malloc_batch_state(&t.batch, &t.c_config)
+    except MemoryError as e:
+        raise LlamaError(f"{t.checkpoint_path}: out of memory: {e}") from None
     t.state_lock = threading.Lock()
 
 cdef void free_transformer(Transformer t) noexcept:

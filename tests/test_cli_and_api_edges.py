@@ -2,6 +2,7 @@
 not a closed pipe, a closed stdin in chat, and API arguments the command line would refuse; and the
 one error type that run, runq and the tools share."""
 import math
+import struct
 import subprocess
 import sys
 
@@ -71,3 +72,42 @@ def test_one_error_type_for_run_runq_and_the_tools():
     for package, model in ((run, MODELS["runq"]), (runq, MODELS["run"])):
         with pytest.raises(llama2_cython.LlamaError, match="run it with"):
             package.Transformer(str(model))
+
+
+def under_address_limit(module, model, kbytes):
+    """`python -m module model` with its address space limited (ulimit -v), from the repo root."""
+    return subprocess.run(f"ulimit -v {kbytes}; exec {sys.executable} -m {module} {model} -z {TOK} -n 8",
+                          shell=True, cwd=REPO, capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("module", ["run", "runq"])
+def test_kv_cache_that_does_not_fit_is_one_line_naming_file_and_size(tmp_path, module):
+    # a real header with a context long enough that the KV cache cannot be allocated under the
+    # limit: 2 layers x 2^20 positions x 64 floats x 2 x 4 bytes = 1 GiB
+    source = MODELS[module].read_bytes()
+    data = bytearray(source if module == "runq" else (TESTDATA / "tiny_mha.v1.bin").read_bytes())
+    data[8 + 4 * 6:8 + 4 * 7] = (1 << 20).to_bytes(4, "little")
+    path = tmp_path / "long.bin"
+    path.write_bytes(bytes(data))
+    proc = under_address_limit(module, path, 700_000)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.splitlines() == [f"{module}: {path}: out of memory: malloc failed for the run state, "
+                                f"whose KV cache alone is {1 << 30} bytes"]
+
+
+def test_model_that_cannot_be_mapped_is_one_line_naming_file_and_size(tmp_path):
+    # a v1 header whose weights take 1.2 GB: a sparse file of that size, mapped under a 700 MB limit
+    config = dict(dim=1024, hidden_dim=4096, n_layers=24, n_heads=16, n_kv_heads=16, vocab_size=512,
+                  seq_len=64)
+    from llama2_cython import formats
+    header = formats.Header(1, config, True)
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Ii7iB", formats.MAGIC, 1, *config.values(), 1).ljust(256, b"\0"))
+        f.truncate(header.file_size())
+    proc = under_address_limit("run", path, 700_000)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.splitlines() == [f"run: couldn't map {path} ({header.file_size()} bytes) into memory: "
+                                f"Cannot allocate memory"]
