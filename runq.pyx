@@ -12,6 +12,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from libc.math cimport cosf, expf, fabsf, powf, roundf, sinf, sqrtf
 from libc.stdint cimport int8_t, int16_t, int32_t, uint32_t
 from libc.stdio cimport FILE, fclose, fopen, fread, fseek, ftell, sscanf, SEEK_END, SEEK_SET
+from libc.errno cimport errno
 from libc.stdlib cimport bsearch, calloc, free, malloc, qsort
 from libc.string cimport memcpy, memset, strcmp, strlen
 
@@ -941,10 +942,13 @@ cdef build_tokenizer(Tokenizer t, tokenizer_path, int vocab_size):
     # the file is opened (and its size checked) before the mallocs, which run.c does first: a
     # vocab_size of 2^31 with a small file is refused instead of allocating 16 GiB
     file = fopen(os.fsencode(tokenizer_path), "rb")
-    if not file or os.path.isdir(tokenizer_path):
-        if file:
-            fclose(file)
-        raise LlamaError(f"couldn't load {path}")
+    if not file:
+        # a Ctrl-C that interrupted the open (a FIFO nobody writes to) is that, not a bad file
+        PyErr_CheckSignals()
+        raise LlamaError(f"couldn't load {path}: {os.strerror(errno)}")
+    if os.path.isdir(tokenizer_path):
+        fclose(file)
+        raise LlamaError(f"couldn't load {path}: it is a directory")
     try:
         fseek(file, 0, SEEK_END)
         file_size = ftell(file)

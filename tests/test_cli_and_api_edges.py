@@ -111,3 +111,19 @@ def test_model_that_cannot_be_mapped_is_one_line_naming_file_and_size(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in err, err
     assert err.splitlines() == [f"run: couldn't map {path} ({header.file_size()} bytes) into memory: "
                                 f"Cannot allocate memory"]
+
+
+@pytest.mark.parametrize("module", ["run", "runq"])
+def test_ctrl_c_while_opening_a_fifo_tokenizer_is_one_line(tmp_path, module):
+    import os
+    import signal
+    import time
+    fifo = tmp_path / "tok.fifo"
+    os.mkfifo(fifo)  # nobody writes to it: opening it waits
+    proc = subprocess.Popen([sys.executable, "-m", module, str(MODELS[module]), "-z", str(fifo)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert err.decode().split() == [f"{module}:", "interrupted"]
