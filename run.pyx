@@ -1394,6 +1394,8 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
         tok_per_s = (pos - prefilled - 1) / <double>max(time_in_ms() - start, 1) * 1000
     return tok_per_s, prefilled, prefilled / max(prefill_ms, 1) * 1000
 
+include "generate_batch.pxi"
+
 cdef float[::1] forward_logits(transformer, int token, int pos):
     # the fp32 Transformer runs forward() in place; other engines (run_cuda) bring their own
     if isinstance(transformer, Transformer):

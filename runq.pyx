@@ -1543,6 +1543,8 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
         tok_per_s = (pos - prefilled - 1) / <double>max(time_in_ms() - start, 1) * 1000
     return tok_per_s, prefilled, prefilled / max(prefill_ms, 1) * 1000
 
+include "generate_batch.pxi"
+
 cdef float[::1] forward_logits(transformer, int token, int pos):
     # the Q8_0 Transformer runs forward() in place; anything with a forward(token, pos) works too
     if isinstance(transformer, Transformer):

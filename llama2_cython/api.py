@@ -53,29 +53,102 @@ class Model:
             pieces.append(piece if self.engine.printable(piece) else b"")
         return b"".join(pieces).decode("utf-8", "replace")
 
-    def generate(self, prompt=None, steps=256, temperature=1.0, topp=0.9, seed=None):
+    def generate(self, prompt=None, steps=256, temperature=1.0, topp=0.9, seed=None, stop=None):
         """Yields the generated text piece by piece, exactly what `python -m run` prints.
 
-        steps, temperature, topp and seed mean what -n, -t, -p and -s mean on the command line.
+        steps, temperature, topp and seed mean what -n, -t, -p and -s mean on the command line;
+        stop (a string or a list of them) ends the text before the first one it comes to.
         """
+        sampler, steps = self._sampler(steps, temperature, topp, seed)
+        transformer = self.transformer.with_new_state()  # this generation's own KV cache
+        pieces = self.engine.generate(transformer, self.tokenizer, sampler, prompt, steps)
+        text = _Text(stop)
+        for piece in pieces:
+            out = text.add(piece)
+            if out:
+                yield out
+            if text.stopped:
+                pieces.close()
+                return
+        out = text.end()
+        if out:
+            yield out
+
+    def generate_batch(self, prompts, steps=256, temperature=1.0, topp=0.9, seed=None, stop=None):
+        """generate() for several prompts together: yields (index, text) pieces as they come.
+        Each of steps, temperature, topp, seed and stop is one value for all or a list with one
+        per prompt (for stop: None, a string, or a list of strings each). Every pass over the weights moves all live sequences on by one token, so many
+        sequences cost little more than one; each one's text is what generate() gives it alone
+        (bit for bit on the IEEE build; under -Ofast, to float rounding)."""
+        prompts = list(prompts)
+        n = len(prompts)
+
+        def each(name, value):
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+            if len(values) != n:
+                raise ValueError(f"{name} has {len(values)} values for {n} prompts")
+            return values
+
+        settings = [self._sampler(*args) for args in zip(each("steps", steps), each("temperature", temperature),
+                                                          each("topp", topp), each("seed", seed))]
+        texts = [_Text(s) for s in each("stop", stop)]
+        stopped = set()
+        pieces = self.engine.generate_batch(self.transformer, self.tokenizer, [s for s, _ in settings],
+                                            prompts, [k for _, k in settings], stopped)
+        for i, piece in pieces:
+            if i in stopped:
+                continue
+            out = texts[i].add(piece)
+            if out:
+                yield i, out
+            if texts[i].stopped:
+                stopped.add(i)
+        for i, text in enumerate(texts):
+            out = text.end() if i not in stopped else ""
+            if out:
+                yield i, out
+
+    def _sampler(self, steps, temperature, topp, seed):
+        """(Sampler, steps) as the command line makes them from -n, -t, -p and -s."""
         steps = _index("steps", steps)
         temperature, topp = sampling_overrides(_number("temperature", temperature),
                                                _number("topp", topp))
         seq_len = self.config["seq_len"]
         steps = seq_len if steps <= 0 or steps > seq_len else steps
         seed = time_seed() if not seed else _index("seed", seed) & 0xFFFFFFFFFFFFFFFF
-        sampler = self.engine.Sampler(self.config["vocab_size"], temperature, topp, seed)
-        # a UTF-8 character can be split over byte tokens: yield whole characters only
-        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        transformer = self.transformer.with_new_state()  # this generation's own KV cache
-        for piece in self.engine.generate(transformer, self.tokenizer, sampler, prompt, steps):
-            text = utf8.decode(piece)
-            if text:
-                yield text
-        text = utf8.decode(b"", final=True)
-        if text:
-            yield text
+        return self.engine.Sampler(self.config["vocab_size"], temperature, topp, seed), steps
 
+
+class _Text:
+    """Turns a sequence's pieces into text: whole UTF-8 characters only (a character can be split
+    over byte tokens), up to the first stop string, holding back what could begin one."""
+
+    def __init__(self, stop):
+        self.stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.held = ""
+        self.stopped = False
+
+    def add(self, piece):
+        if self.stopped:
+            return ""
+        self.held += self.utf8.decode(piece)
+        cut = min((self.held.find(s) for s in self.stops if s in self.held), default=-1)
+        if cut >= 0:
+            out, self.held, self.stopped = self.held[:cut], "", True
+            return out
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])),
+                   default=0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+    def end(self):
+        if self.stopped:
+            return ""
+        out = self.held + self.utf8.decode(b"", final=True)
+        self.held = ""
+        cut = min((out.find(s) for s in self.stops if s in out), default=-1)
+        return out[:cut] if cut >= 0 else out
 
 class Sequence:
     """One sequence on a Model's shared weights: its own run state (KV cache), allocated once and

@@ -4,7 +4,8 @@ from llama2_cython import LlamaError
 from llama2_cython.api import Model as _Model
 
 from . import _runq
-from ._runq import Sampler, Tokenizer, Transformer, chat, generate, main, time_in_ms
+from ._runq import (Sampler, Tokenizer, Transformer, chat, generate, generate_batch, main,
+                    time_in_ms)
 
 
 class Model(_Model):
@@ -13,4 +14,4 @@ class Model(_Model):
 
 
 __all__ = ["LlamaError", "Model", "Sampler", "Tokenizer", "Transformer", "chat", "generate",
-           "main", "time_in_ms"]
+           "generate_batch", "main", "time_in_ms"]

@@ -41,6 +41,17 @@ def prefill_vs_forward(prog, model, tokens, sizes):
     return out
 
 
+def batch_vs_alone(prog, model, tokenizer, prompts, steps, temperatures, seeds):
+    """Each prompt's text from Model.generate alone, and from one Model.generate_batch of all."""
+    m = importlib.import_module(prog).Model(model, tokenizer)
+    alone = ["".join(m.generate(p, steps=n, temperature=t, seed=s))
+             for p, n, t, s in zip(prompts, steps, temperatures, seeds)]
+    together = [""] * len(prompts)
+    for i, text in m.generate_batch(prompts, steps=steps, temperature=temperatures, seed=seeds):
+        together[i] += text
+    return [alone, together]
+
+
 if __name__ == "__main__":
     root, function = sys.argv[1:]
     sys.path.insert(0, root)
