@@ -16,6 +16,10 @@ Then prefill, for run and runq: the tok/s at which a 128-token prompt goes throu
 together (what the command line reports for it), against the same program's decode tok/s and
 against the FLOP rate of numpy's sgemm multiplying the same 128 x dim activations by the same
 weight matrices (a prompt is compute-bound, decode is memory-bound).
+
+Last, batched decode through the Python API (Model.generate_batch): the aggregate tok/s of 1, 4,
+8 and 16 sequences decoded together, and the bandwidth at which their passes stream the weights
+against numpy's sgemv.
 """
 import argparse
 import os
@@ -130,6 +134,19 @@ def prefill_tok_s(command, model, tokenizer, repeats):
     return best
 
 
+def batched_tok_s(package, model, tokenizer, sequences, steps, repeats):
+    """Aggregate tok/s of `sequences` greedy sequences of `steps` positions decoded together
+    (Model.generate_batch), best of repeats; each pass of the batch reads the weights once."""
+    m = package.Model(str(model), str(tokenizer))
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in m.generate_batch(["a"] * sequences, steps=steps, temperature=0.0):
+            pass
+        best = max(best, sequences * steps / (time.perf_counter() - t0))
+    return best
+
+
 def decode_tok_s(command, model, tokenizer, steps, repeats):
     """The best `achieved tok/s` that command (a run-like CLI) reports over repeats greedy runs."""
     best = 0.0
@@ -226,6 +243,31 @@ def main():
                            f"{'met' if ok else 'MISSED'}")
             print(f"| {prog} | {name} | {tok_s:.1f} | {speedup:.1f} | {gflops:.1f} | {sgemm:.1f} | "
                   f"{gflops / sgemm:.2f} | {verdict} |", flush=True)
+
+    if cpu_programs:
+        print("\nBatched decode (Model.generate_batch, greedy, 64 positions a sequence):")
+        print("| program | shape | sequences | aggregate tok/s | x one sequence | weights GB/s | numpy sgemv GB/s | target |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.shapes if cpu_programs else []:
+        fp32, q80, tok = model_files(name, "runq" in cpu_programs)
+        matrices = matmul_weights(fp32)
+        fp32_bytes = sum(m.nbytes for m in matrices)
+        numpy_gbps = numpy_sgemv_gbps(matrices, args.repeats, 63)
+        for prog in cpu_programs:
+            package = run if prog == "run" else __import__("runq")
+            model = q80 if prog == "runq" else fp32
+            nbytes = fp32_bytes if prog == "run" else fp32_bytes // 4 + fp32_bytes // 64
+            one = None
+            for sequences in (1, 4, 8, 16):
+                tok_s = batched_tok_s(package, model, tok, sequences, 64, args.repeats)
+                one = one or tok_s
+                verdict = ""
+                if sequences == 8 and name == "110M":
+                    ok = tok_s >= 4 * one
+                    failed |= not ok
+                    verdict = f"x one >= 4: {'met' if ok else 'MISSED'}"
+                print(f"| {prog} | {name} | {sequences} | {tok_s:.1f} | {tok_s / one:.1f} | "
+                      f"{tok_s / sequences * nbytes / 1e9:.1f} | {numpy_gbps:.1f} | {verdict} |", flush=True)
     return 1 if failed else 0
 
 
