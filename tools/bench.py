@@ -134,6 +134,14 @@ def prefill_tok_s(command, model, tokenizer, repeats):
     return best
 
 
+def q80_bytes(q80, fp32_bytes):
+    """The bytes of int8 weights a runq decode reads per token: int8 values plus one float32
+    scale per group."""
+    with open(q80, "rb") as f:
+        group_size = struct.unpack_from("i", f.read(64), 37)[0]
+    return fp32_bytes // 4 + fp32_bytes // group_size
+
+
 def batched_tok_s(package, model, tokenizer, sequences, steps, repeats):
     """Aggregate tok/s of `sequences` greedy sequences of `steps` positions decoded together
     (Model.generate_batch), best of repeats; each pass of the batch reads the weights once."""
@@ -200,10 +208,7 @@ def main():
         for prog in args.programs:
             model, nbytes, reference = fp32, fp32_bytes, numpy_gbps
             if prog == "runq":
-                # int8 values plus one float32 scale per group
-                with open(q80, "rb") as f:
-                    group_size = struct.unpack_from("i", f.read(64), 37)[0]
-                model, nbytes = q80, fp32_bytes // 4 + fp32_bytes // group_size
+                model, nbytes = q80, q80_bytes(q80, fp32_bytes)
             elif prog == "run_cuda":
                 reference = gpu[1]
             tok_s = decode_tok_s(COMMANDS[prog], model, tok, args.steps, args.repeats)
@@ -256,7 +261,7 @@ def main():
         for prog in cpu_programs:
             package = run if prog == "run" else __import__("runq")
             model = q80 if prog == "runq" else fp32
-            nbytes = fp32_bytes if prog == "run" else fp32_bytes // 4 + fp32_bytes // 64
+            nbytes = fp32_bytes if prog == "run" else q80_bytes(q80, fp32_bytes)
             one = None
             for sequences in (1, 4, 8, 16):
                 tok_s = batched_tok_s(package, model, tok, sequences, 64, args.repeats)
