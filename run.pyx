@@ -19,6 +19,13 @@ import sys
 import threading
 import time as _pytime
 
+# what has no twin in run.c is written once for run, runq and run_cuda (llama2_cython/)
+from llama2_cython import LlamaError
+from llama2_cython.api import exclusive_state
+from llama2_cython.cli import ExitStatus, parse_args, read_line
+from llama2_cython.formats import map_model
+
+# gcc's prefetch hint, for forward_batch's matmul (nothing elsewhere)
 cdef extern from *:
     """
     #if defined(__GNUC__)
@@ -28,12 +35,6 @@ cdef extern from *:
     #endif
     """
     void prefetch(const void* address) noexcept nogil
-
-# what has no twin in run.c is written once for run, runq and run_cuda (llama2_cython/)
-from llama2_cython import LlamaError
-from llama2_cython.api import exclusive_state
-from llama2_cython.cli import ExitStatus, parse_args, read_line
-from llama2_cython.formats import map_model
 
 
 # ----------------------------------------------------------------------------
