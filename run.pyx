@@ -1349,16 +1349,15 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
     cdef int pos = 0  # position in the sequence
     cdef float[::1] logits
     cdef const char* piece
-    cdef long long prefill_start
+    cdef double prefill_start, prefill_seconds
     cdef int prefilled
-    cdef double prefill_ms
     # no other thread or generation may run on this run state (KV cache) meanwhile
     with exclusive_state(transformer):
         # not in run.c: the prompt tokens whose logits go unused (all but the last) go through
         # the model together first (forward_batch); the loop below skips their forward()
-        prefill_start = time_in_ms()
+        prefill_start = _pytime.perf_counter()
         prefilled = prefill(transformer, prompt_tokens, min(num_prompt_tokens - 1, steps))
-        prefill_ms = time_in_ms() - prefill_start
+        prefill_seconds = _pytime.perf_counter() - prefill_start
         while pos < steps:
 
             # forward the transformer to get logits for the next token
@@ -1393,7 +1392,7 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
     tok_per_s = None
     if pos - prefilled > 1:
         tok_per_s = (pos - prefilled - 1) / <double>max(time_in_ms() - start, 1) * 1000
-    return tok_per_s, prefilled, prefilled / max(prefill_ms, 1) * 1000
+    return tok_per_s, prefilled, prefilled / max(prefill_seconds, 1e-9)
 
 include "generate_batch.pxi"
 
