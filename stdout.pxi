@@ -47,9 +47,13 @@ def print_generation(pieces):
         PyErr_CheckSignals()
     write_stdout(b"\n", 1)
     flush_stdout()
-    if tok_per_s is not None or prefilled:
-        _sys.stderr.write("achieved tok/s: %f" % (tok_per_s or 0.0))
+    if tok_per_s is not None:
+        _sys.stderr.write("achieved tok/s: %f" % tok_per_s)
         if prefilled:
             _sys.stderr.write(" (after a prompt of %d tokens fed together at %f tok/s)"
                               % (prefilled, prefill_tok_per_s))
         _sys.stderr.write("\n")
+    elif prefilled:
+        # no token went one at a time after the first (-n within the prompt): the prompt's rate
+        _sys.stderr.write("achieved tok/s: %f (a prompt of %d tokens fed together)\n"
+                          % (prefill_tok_per_s, prefilled))
