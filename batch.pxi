@@ -1,6 +1,19 @@
 # Included by run.pyx and runq.pyx after their forward_batch (written once: it has no twin in the
-# C, and is the same for both): the driver that feeds a prompt through forward_batch, for
-# Transformer.forward_prompt, generate and chat.
+# C, and is the same for both): the drivers that feed tokens through forward_batch, for the
+# Transformer's forward and forward_prompt, generate and chat.
+
+cdef float* forward_next(Transformer transformer, int token, int pos) noexcept nogil:
+    # forward() through forward_batch: one token of the transformer's own sequence, whose logits
+    # it returns (in the batch state, until the next call). The command line and the API decode
+    # with it, so that a token's logits are the same bits whether it comes alone, in a prompt, or
+    # beside other sequences' tokens (forward() is run.c's, the reference that tests hold it to)
+    cdef BatchEntry entry
+    entry.s = &transformer.state
+    entry.token = token
+    entry.pos = pos
+    entry.want_logits = True
+    forward_batch(transformer, &transformer.batch, &entry, 1)
+    return transformer.batch.logits
 
 cdef void forward_prompt(Transformer transformer, const int* tokens, int n, int pos,
                          bint all_logits) noexcept nogil:

@@ -25,16 +25,11 @@ from llama2_cython.api import exclusive_state
 from llama2_cython.cli import ExitStatus, parse_args, read_line
 from llama2_cython.formats import map_model
 
-# gcc's prefetch hint, for forward_batch's matmul (nothing elsewhere)
-cdef extern from *:
-    """
-    #if defined(__GNUC__)
-    #define prefetch(address) __builtin_prefetch(address)
-    #else
-    #define prefetch(address) ((void)0)
-    #endif
-    """
-    void prefetch(const void* address) noexcept nogil
+cdef extern from "f32dot.h" nogil:
+    # forward_batch's matrix products (the header says how each sum is ordered, and why)
+    void f32_matmul_rows(float* out, const float* x, const float* w, int n, int d, int B, int i0,
+                         int i1)
+    const int F32_FIXED_ORDER
 
 
 # ----------------------------------------------------------------------------
@@ -88,6 +83,7 @@ cdef struct RunState:
 
 # forward_batch's buffers (not in run.c: see forward_batch)
 DEF MAX_BATCH = 16  # tokens that go through a layer together
+DEF F32_BLOCK_ROWS = 16  # weight rows per unit of work across threads (a multiple of f32dot.h's tile)
 
 cdef struct BatchEntry:
     RunState* s  # the sequence's run state: its KV cache, and its logits if wanted
@@ -186,8 +182,10 @@ cdef class Transformer:
                                     offset=offset).reshape(shape)
                 for name, offset, shape in tensors}
 
-    def forward(self, int token, int pos):
-        """Logits (a float32 numpy array, a copy) for `token` at position `pos`."""
+    def forward(self, int token, int pos, *, bint reference=False):
+        """Logits (a float32 numpy array, a copy) for `token` at position `pos`. With
+        reference=True, from C's forward() itself, which the batched engine (what everything else
+        runs) is tested against."""
         import numpy as np
         if not 0 <= token < self.c_config.vocab_size:
             raise ValueError(f"token {token} is outside the vocabulary [0, {self.c_config.vocab_size})")
@@ -196,7 +194,7 @@ cdef class Transformer:
         cdef float* logits
         with exclusive_state(self):
             with nogil:
-                logits = forward(self, token, pos)
+                logits = forward(self, token, pos) if reference else forward_next(self, token, pos)
             return np.array(<float[:self.c_config.vocab_size]>logits, dtype=np.float32)
 
     def forward_prompt(self, tokens, int pos=0):
@@ -557,56 +555,12 @@ cdef void free_batch_state(BatchState* b) noexcept:
     memset(b, 0, sizeof(BatchState))
 
 cdef void matmul_batch(float* xout, const float* x, const float* w, int n, int d, int B) noexcept nogil:
-    # W (d,n) @ x (B,n) -> xout (B,d): matmul() for B vectors, each weight row read once for all
-    # of them. Eight vectors share a pass over the row (eight independent sums keep the FPU busy
-    # and each load of w serves eight products); each sum is matmul()'s loop on its own
-    # accumulator, so it adds the same terms in the same order. The last B % 8 go one by one.
-    cdef Py_ssize_t i, j, b
-    cdef float val, val1, val2, val3, val4, val5, val6, val7
-    cdef const float* wi
-    cdef const float* xb
-    for i in prange(d, schedule="static"):
-        wi = w + i * n
-        # the row after next is on its way from memory while this one is multiplied (the
-        # hardware prefetcher alone leaves the loop waiting on memory here)
-        for j in range(0, n, 16):
-            prefetch(wi + 2 * n + j)
-        b = 0
-        while b + 8 <= B:
-            xb = x + b * n
-            val = 0.0
-            val1 = 0.0
-            val2 = 0.0
-            val3 = 0.0
-            val4 = 0.0
-            val5 = 0.0
-            val6 = 0.0
-            val7 = 0.0
-            for j in range(n):
-                val = val + wi[j] * xb[j]  # not +=: see matmul
-                val1 = val1 + wi[j] * xb[n + j]
-                val2 = val2 + wi[j] * xb[2 * n + j]
-                val3 = val3 + wi[j] * xb[3 * n + j]
-                val4 = val4 + wi[j] * xb[4 * n + j]
-                val5 = val5 + wi[j] * xb[5 * n + j]
-                val6 = val6 + wi[j] * xb[6 * n + j]
-                val7 = val7 + wi[j] * xb[7 * n + j]
-            xout[b * d + i] = val
-            xout[(b + 1) * d + i] = val1
-            xout[(b + 2) * d + i] = val2
-            xout[(b + 3) * d + i] = val3
-            xout[(b + 4) * d + i] = val4
-            xout[(b + 5) * d + i] = val5
-            xout[(b + 6) * d + i] = val6
-            xout[(b + 7) * d + i] = val7
-            b = b + 8
-        while b < B:
-            xb = x + b * n
-            val = 0.0
-            for j in range(n):
-                val = val + wi[j] * xb[j]
-            xout[b * d + i] = val
-            b = b + 1
+    # W (d,n) @ x (B,n) -> xout (B,d): matmul() for B vectors, each weight row read from memory
+    # once for all of them. f32dot.h has the products, and says in which order each is summed
+    cdef Py_ssize_t block
+    for block in prange((d + F32_BLOCK_ROWS - 1) // F32_BLOCK_ROWS, schedule="static"):
+        f32_matmul_rows(xout, x, w, n, d, B, block * F32_BLOCK_ROWS,
+                        min(d, (block + 1) * F32_BLOCK_ROWS))
 
 cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* batch, int B) noexcept nogil:
     # forward() for B entries at once (B <= MAX_BATCH): each entry's token at its position, on its
@@ -1397,9 +1351,9 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
 include "generate_batch.pxi"
 
 cdef float[::1] forward_logits(transformer, int token, int pos):
-    # the fp32 Transformer runs forward() in place; other engines (run_cuda) bring their own
+    # the fp32 Transformer decodes through forward_batch (forward_next: batch.pxi says why); other engines (run_cuda) bring their own
     if isinstance(transformer, Transformer):
-        return <float[:(<Transformer>transformer).c_config.vocab_size]>forward(transformer, token, pos)
+        return <float[:(<Transformer>transformer).c_config.vocab_size]>forward_next(transformer, token, pos)
     return transformer.forward(token, pos)
 
 def read_stdin(guide):

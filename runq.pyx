@@ -204,8 +204,10 @@ cdef class Transformer:
             views["wcls"] = views["token_embedding_table"]
         return views
 
-    def forward(self, int token, int pos):
-        """Logits (a float32 numpy array, a copy) for `token` at position `pos`."""
+    def forward(self, int token, int pos, *, bint reference=False):
+        """Logits (a float32 numpy array, a copy) for `token` at position `pos`. With
+        reference=True, from C's forward() itself, which the batched engine (what everything else
+        runs) is tested against."""
         import numpy as np
         if not 0 <= token < self.c_config.vocab_size:
             raise ValueError(f"token {token} is outside the vocabulary [0, {self.c_config.vocab_size})")
@@ -214,7 +216,7 @@ cdef class Transformer:
         cdef float* logits
         with exclusive_state(self):
             with nogil:
-                logits = forward(self, token, pos)
+                logits = forward(self, token, pos) if reference else forward_next(self, token, pos)
             return np.array(<float[:self.c_config.vocab_size]>logits, dtype=np.float32)
 
     def forward_prompt(self, tokens, int pos=0):
@@ -1545,9 +1547,9 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
 include "generate_batch.pxi"
 
 cdef float[::1] forward_logits(transformer, int token, int pos):
-    # the Q8_0 Transformer runs forward() in place; anything with a forward(token, pos) works too
+    # the Q8_0 Transformer decodes through forward_batch (forward_next: batch.pxi says why); anything with a forward(token, pos) works too
     if isinstance(transformer, Transformer):
-        return <float[:(<Transformer>transformer).c_config.vocab_size]>forward(transformer, token, pos)
+        return <float[:(<Transformer>transformer).c_config.vocab_size]>forward_next(transformer, token, pos)
     return transformer.forward(token, pos)
 
 def read_stdin(guide):

@@ -29,9 +29,10 @@ def compiler_flags():
 def extension(name, source):
     cflags, ldflags = compiler_flags()
     return Extension(name, [source], extra_compile_args=cflags, extra_link_args=ldflags,
-                     libraries=[] if MSVC else ["m"])
+                     libraries=[] if MSVC else ["m"], include_dirs=["."], depends=HEADERS)
 
 
+HEADERS = ["f32dot.h"]  # the C kernels that the .pyx files include
 debug = os.environ.get("LLAMA_DEBUG") == "1"
 directives = dict(language_level=3, boundscheck=debug, wraparound=debug, cdivision=True,
                   initializedcheck=debug)

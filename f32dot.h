@@ -1,0 +1,253 @@
+/* f32dot.h: the fp32 matrix products of run.pyx's forward_batch, which decodes and takes prompts
+ * for the command line and the API (forward() stays run.c's, the reference it is tested against).
+ *
+ * f32_matmul_rows(out, x, w, n, d, B, i0, i1) computes rows i0 .. i1 - 1 of W (d, n) times each of
+ * B vectors x (B, n), into out (B, d). matmul_batch spreads blocks of rows over threads. Every output is the dot product of one weight row and one vector, and each is
+ * summed by the same arithmetic whatever B is and wherever it falls in a tile, so a token's logits
+ * do not depend on what else is in the batch:
+ *
+ *   - IEEE builds (no fast-math: make run, make exact): run.c's loop, one product after the other
+ *     in order, so that every sum is matmul()'s bit for bit (and the output C's -O3 output).
+ *   - fast-math builds (make runomp, pip install): 16 running sums per dot product, one per column
+ *     j mod 16 (multiply-add, fused where the CPU has FMA; a last chunk of fewer than 16 columns
+ *     is padded with zeros), then added pairwise: lanes 0-7 + 8-15, 0-3 + 4-7, 0-1 + 2-3, 0 + 1.
+ *     That is the order gcc 12 gives run.c's loop with -Ofast -march=znver4 (this project's AMD
+ *     machines) when n is a multiple of 16; other CPUs' -Ofast builds of run.c sum in 8 lanes, or
+ *     with other tails. Written out here, the order no longer depends on the CPU (AVX-512 runs a
+ *     16-lane vector as one register, AVX2 as two), nor on the call site: the functions below are
+ *     compiled without fast-math's reassociation, which would let gcc pick an order per context.
+ *
+ * Tiles: 4 rows x 4 vectors on AVX-512 (16 running sums in registers, each load of w serving 4
+ * products and each load of x 4), 2 x 2 with AVX2's 16 registers. Each pass over a tile's rows
+ * also prefetches the next tile's rows, which the hardware prefetcher alone does not fetch early
+ * enough to keep one token's decode at the memory's speed. */
+#ifndef LLAMA2_F32DOT_H
+#define LLAMA2_F32DOT_H
+
+#include <string.h>
+
+#if defined(__FAST_MATH__) && defined(__GNUC__)
+#define F32_FIXED_ORDER 1
+#else
+#define F32_FIXED_ORDER 0
+#endif
+
+#if F32_FIXED_ORDER && defined(__AVX512F__)
+#define F32_TILE_ROWS 4
+#define F32_TILE_VECS 4
+#elif F32_FIXED_ORDER
+#define F32_TILE_ROWS 2
+#define F32_TILE_VECS 2
+#else
+#define F32_TILE_VECS 8
+#endif
+
+#if defined(__GNUC__)
+#define F32_PREFETCH(address) __builtin_prefetch(address)
+#else
+#define F32_PREFETCH(address) ((void)0)
+#endif
+
+#if F32_FIXED_ORDER
+
+#if defined(__clang__)
+#pragma clang fp reassociate(off)
+#else
+#pragma GCC push_options
+#pragma GCC optimize("no-associative-math")
+/* 64-byte vectors only ever live inside these inlined functions: no ABI crosses them */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x16_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+
+static inline __attribute__((always_inline)) f32x16 f32_load16(const float* p) {
+    return *(const f32x16_unaligned*)p;
+}
+
+static inline __attribute__((always_inline)) f32x16 f32_load_tail(const float* p, int m) {
+    /* m < 16 columns, the rest zeros: a masked load where there is one (a memcpy call or an
+       element loop here makes gcc keep the running sums in memory for the whole loop) */
+#if defined(__AVX512F__)
+    return (f32x16)_mm512_maskz_loadu_ps((__mmask16)((1u << m) - 1), p);
+#elif defined(__AVX2__)
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 lo = _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(m), lane));
+    __m256 hi = _mm256_maskload_ps(p + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32(m - 8), lane));
+    f32x16 v;
+    memcpy(&v, &lo, sizeof lo);
+    memcpy((char*)&v + sizeof lo, &hi, sizeof hi);
+    return v;
+#else
+    f32x16 v;
+    for (int k = 0; k < 16; k++)
+        v[k] = k < m ? p[k] : 0.0f;
+    return v;
+#endif
+}
+
+static inline __attribute__((always_inline)) float f32_sum16(f32x16 v) {
+    /* lanes 0-7 + 8-15, 0-3 + 4-7, then (0 + 2) + (1 + 3) */
+    f32x8 a8 = (f32x8){v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]}
+             + (f32x8){v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
+    f32x4 a4 = (f32x4){a8[0], a8[1], a8[2], a8[3]} + (f32x4){a8[4], a8[5], a8[6], a8[7]};
+    float s0 = a4[0] + a4[2];
+    float s1 = a4[1] + a4[3];
+    return s0 + s1;
+}
+
+/* R rows from i0 times T vectors from b0, R and T at most 4. They are constants where this is
+ * inlined, so the code for the products outside R x T goes, and the running sums (named, not an
+ * array, which gcc would keep in memory) stay in registers. prefetch_w: rows to fetch meanwhile,
+ * or NULL */
+#define F32_ROWS_X_VEC(t, X)                                  \
+    if (T > t) {                                              \
+        xv = X;                                               \
+        a0##t += w0 * xv;                                     \
+        if (R > 1) a1##t += w1 * xv;                          \
+        if (R > 2) a2##t += w2 * xv;                          \
+        if (R > 3) a3##t += w3 * xv;                          \
+    }
+#define F32_STORE(r, t) \
+    if (R > r && T > t) out[(size_t)(b0 + t) * d + i0 + r] = f32_sum16(a##r##t);
+
+static inline __attribute__((always_inline)) void f32_tile_RxT(
+        float* out, const float* x, const float* w, int n, int d, int i0, int b0,
+        const int R, const int T, const float* prefetch_w) {
+    const f32x16 zero = {0};
+    f32x16 a00 = zero, a01 = zero, a02 = zero, a03 = zero, a10 = zero, a11 = zero, a12 = zero,
+           a13 = zero, a20 = zero, a21 = zero, a22 = zero, a23 = zero, a30 = zero, a31 = zero,
+           a32 = zero, a33 = zero;
+    f32x16 w0 = zero, w1 = zero, w2 = zero, w3 = zero, xv;
+    const float* wr = w + (size_t)i0 * n;
+    const float* xb = x + (size_t)b0 * n;
+    int j, r;
+    for (j = 0; j + 16 <= n; j += 16) {
+        if (prefetch_w)
+            for (r = 0; r < R; r++)
+                F32_PREFETCH(prefetch_w + (size_t)r * n + j);
+        w0 = f32_load16(wr + j);
+        if (R > 1) w1 = f32_load16(wr + n + j);
+        if (R > 2) w2 = f32_load16(wr + 2 * (size_t)n + j);
+        if (R > 3) w3 = f32_load16(wr + 3 * (size_t)n + j);
+        F32_ROWS_X_VEC(0, f32_load16(xb + j))
+        F32_ROWS_X_VEC(1, f32_load16(xb + n + j))
+        F32_ROWS_X_VEC(2, f32_load16(xb + 2 * (size_t)n + j))
+        F32_ROWS_X_VEC(3, f32_load16(xb + 3 * (size_t)n + j))
+    }
+    if (j < n) {
+        int m = n - j;
+        w0 = f32_load_tail(wr + j, m);
+        if (R > 1) w1 = f32_load_tail(wr + n + j, m);
+        if (R > 2) w2 = f32_load_tail(wr + 2 * (size_t)n + j, m);
+        if (R > 3) w3 = f32_load_tail(wr + 3 * (size_t)n + j, m);
+        F32_ROWS_X_VEC(0, f32_load_tail(xb + j, m))
+        F32_ROWS_X_VEC(1, f32_load_tail(xb + n + j, m))
+        F32_ROWS_X_VEC(2, f32_load_tail(xb + 2 * (size_t)n + j, m))
+        F32_ROWS_X_VEC(3, f32_load_tail(xb + 3 * (size_t)n + j, m))
+    }
+    F32_STORE(0, 0) F32_STORE(1, 0) F32_STORE(2, 0) F32_STORE(3, 0)
+    F32_STORE(0, 1) F32_STORE(1, 1) F32_STORE(2, 1) F32_STORE(3, 1)
+    F32_STORE(0, 2) F32_STORE(1, 2) F32_STORE(2, 2) F32_STORE(3, 2)
+    F32_STORE(0, 3) F32_STORE(1, 3) F32_STORE(2, 3) F32_STORE(3, 3)
+}
+
+/* one function per tile shape: inlined together into one, gcc keeps the running sums in memory */
+#define F32_TILE_FUNCTION(R, T)                                                                  \
+    static __attribute__((noinline)) void f32_tile_##R##x##T(                                   \
+            float* out, const float* x, const float* w, int n, int d, int i0, int b0,           \
+            const float* prefetch_w) {                                                           \
+        f32_tile_RxT(out, x, w, n, d, i0, b0, R, T, prefetch_w);                                 \
+    }
+F32_TILE_FUNCTION(1, 1) F32_TILE_FUNCTION(1, 2)
+F32_TILE_FUNCTION(F32_TILE_ROWS, 1) F32_TILE_FUNCTION(F32_TILE_ROWS, 2)
+#if F32_TILE_VECS == 4
+F32_TILE_FUNCTION(1, 3) F32_TILE_FUNCTION(1, 4)
+F32_TILE_FUNCTION(F32_TILE_ROWS, 3) F32_TILE_FUNCTION(F32_TILE_ROWS, 4)
+#endif
+
+#define F32_TILE_CASE(R, T) \
+    case T: f32_tile_##R##x##T(out, x, w, n, d, i0, b0, prefetch_w); break;
+
+static inline __attribute__((always_inline)) void f32_tile_rows(
+        float* out, const float* x, const float* w, int n, int d, int B, int i0, const int R) {
+    /* the next R rows are fetched while the first group of vectors passes over these */
+    const float* prefetch_w = i0 + 2 * R <= d ? w + (size_t)(i0 + R) * n : NULL;
+    int b0;
+    for (b0 = 0; b0 < B; b0 += F32_TILE_VECS) {
+        int T = B - b0 < F32_TILE_VECS ? B - b0 : F32_TILE_VECS;
+        if (R == 1) {
+            switch (T) {
+                F32_TILE_CASE(1, 1) F32_TILE_CASE(1, 2)
+#if F32_TILE_VECS == 4
+                F32_TILE_CASE(1, 3) F32_TILE_CASE(1, 4)
+#endif
+            }
+        } else {
+            switch (T) {
+                F32_TILE_CASE(F32_TILE_ROWS, 1) F32_TILE_CASE(F32_TILE_ROWS, 2)
+#if F32_TILE_VECS == 4
+                F32_TILE_CASE(F32_TILE_ROWS, 3) F32_TILE_CASE(F32_TILE_ROWS, 4)
+#endif
+            }
+        }
+        prefetch_w = NULL;
+    }
+}
+
+static void f32_matmul_rows(float* out, const float* x, const float* w, int n, int d, int B,
+                            int i0, int i1) {
+    int i;
+    for (i = i0; i + F32_TILE_ROWS <= i1; i += F32_TILE_ROWS)
+        f32_tile_rows(out, x, w, n, d, B, i, F32_TILE_ROWS);
+    for (; i < i1; i++)  /* the rows left over when i1 - i0 is not a multiple of the tile */
+        f32_tile_rows(out, x, w, n, d, B, i, 1);
+}
+
+#if defined(__clang__)
+#pragma clang fp reassociate(on)
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+#else /* IEEE: run.c's loop for each product. Eight vectors share a pass over a row (eight
+         independent sums keep the FPU busy, each load of w serves eight products) */
+
+static inline void f32_row_times_vecs(float* out, const float* x, const float* wi, int n, int d,
+                                      int b, const int T) {
+    float val[F32_TILE_VECS] = {0};
+    int j, k;
+    for (j = 0; j < n; j++)
+        for (k = 0; k < T; k++)
+            val[k] += wi[j] * x[(size_t)(b + k) * n + j];
+    for (k = 0; k < T; k++)
+        out[(size_t)(b + k) * d] = val[k];
+}
+
+static void f32_matmul_rows(float* out, const float* x, const float* w, int n, int d, int B,
+                            int i0, int i1) {
+    int i, j, b;
+    for (i = i0; i < i1; i++) {
+        const float* wi = w + (size_t)i * n;
+        if (i + 2 < d)  /* the row after next is on its way from memory meanwhile */
+            for (j = 0; j < n; j += 16)
+                F32_PREFETCH(wi + 2 * (size_t)n + j);
+        for (b = 0; b + F32_TILE_VECS <= B; b += F32_TILE_VECS)
+            f32_row_times_vecs(out + i, x, wi, n, d, b, F32_TILE_VECS);
+        for (; b < B; b++)
+            f32_row_times_vecs(out + i, x, wi, n, d, b, 1);
+    }
+}
+
+#endif
+
+#endif
