@@ -111,6 +111,7 @@ static inline __attribute__((always_inline)) float f32_sum16(f32x16 v) {
 #define F32_ROWS_X_VEC(t, X)                                  \
     if (T > t) {                                              \
         xv = X;                                               \
+        F32_KEEP(xv)                                          \
         a0##t += w0 * xv;                                     \
         if (R > 1) a1##t += w1 * xv;                          \
         if (R > 2) a2##t += w2 * xv;                          \
@@ -118,6 +119,9 @@ static inline __attribute__((always_inline)) float f32_sum16(f32x16 v) {
     }
 #define F32_STORE(r, t) \
     if (R > r && T > t) out[(size_t)(b0 + t) * d + i0 + r] = f32_sum16(a##r##t);
+
+/* a loaded vector stays in its register: without this gcc loads the rows again for every vector */
+#define F32_KEEP(v) __asm__("" : "+v"(v));
 
 static inline __attribute__((always_inline)) void f32_tile_RxT(
         float* out, const float* x, const float* w, int n, int d, int i0, int b0,
@@ -138,6 +142,7 @@ static inline __attribute__((always_inline)) void f32_tile_RxT(
         if (R > 1) w1 = f32_load16(wr + n + j);
         if (R > 2) w2 = f32_load16(wr + 2 * (size_t)n + j);
         if (R > 3) w3 = f32_load16(wr + 3 * (size_t)n + j);
+        F32_KEEP(w0) if (R > 1) F32_KEEP(w1) if (R > 2) F32_KEEP(w2) if (R > 3) F32_KEEP(w3)
         F32_ROWS_X_VEC(0, f32_load16(xb + j))
         F32_ROWS_X_VEC(1, f32_load16(xb + n + j))
         F32_ROWS_X_VEC(2, f32_load16(xb + 2 * (size_t)n + j))
