@@ -2,6 +2,13 @@
 # C, and is the same for both): the drivers that feed tokens through forward_batch, for the
 # Transformer's forward and forward_prompt, generate and chat.
 
+# Every batch goes through this pointer, not a direct call. Called directly with a constant batch
+# size (forward_next's 1), gcc compiles a copy of forward_batch for that size, and under -Ofast
+# that copy may round differently (its loops vectorized another way): the same token would get
+# other bits alone than in a batch. Through a pointer set at run time there is one forward_batch.
+ctypedef void (*forward_batch_fn)(Transformer, BatchState*, BatchEntry*, int) noexcept nogil
+cdef forward_batch_fn run_forward_batch = forward_batch
+
 cdef float* forward_next(Transformer transformer, int token, int pos) noexcept nogil:
     # forward() through forward_batch: one token of the transformer's own sequence, whose logits
     # it returns (in the batch state, until the next call). The command line and the API decode
@@ -12,7 +19,7 @@ cdef float* forward_next(Transformer transformer, int token, int pos) noexcept n
     entry.token = token
     entry.pos = pos
     entry.want_logits = True
-    forward_batch(transformer, &transformer.batch, &entry, 1)
+    run_forward_batch(transformer, &transformer.batch, &entry, 1)
     return transformer.batch.logits
 
 cdef void forward_prompt(Transformer transformer, const int* tokens, int n, int pos,
@@ -29,7 +36,7 @@ cdef void forward_prompt(Transformer transformer, const int* tokens, int n, int 
             batch[b].token = tokens[start + b]
             batch[b].pos = pos + start + b
             batch[b].want_logits = all_logits or start + b == n - 1
-        forward_batch(transformer, &transformer.batch, batch, B)
+        run_forward_batch(transformer, &transformer.batch, batch, B)
         start += B
     if not all_logits:
         memcpy(transformer.state.logits, transformer.batch.logits,

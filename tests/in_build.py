@@ -20,23 +20,27 @@ def encode(prog, tokenizer, vocab_size, cases):
 
 
 def prefill_vs_forward(prog, model, tokens, sizes):
-    """For each n in sizes: [n, whether forward_prompt(tokens[:n]) gives forward()'s logits after
-    the n-th token bit for bit, their largest difference relative to the logit scale, and the same
-    two for the forward() of tokens[n] that follows (it reads the KV cache the prefill wrote)]."""
+    """For each n in sizes: [n, whether forward_prompt(tokens[:n]) gives the logits after the n-th
+    token that the engine's forward() one token at a time gives (bit for bit), whether it gives C's
+    forward()'s (forward(reference=True)) bit for bit, its largest difference from C's relative
+    to the logit scale, then the same three for the forward() of tokens[n] that follows (it reads
+    the KV cache the prefill wrote)]."""
     import numpy as np
     transformer = importlib.import_module(prog).Transformer(model)
     serial = [transformer.forward(token, pos) for pos, token in enumerate(tokens)]
-    scale = float(np.abs(np.array(serial)).max())
+    reference = transformer.with_new_state()
+    c_serial = [reference.forward(token, pos, reference=True) for pos, token in enumerate(tokens)]
+    scale = float(np.abs(np.array(c_serial)).max())
+
+    def compare(got, i):
+        return [bool(np.array_equal(got, serial[i])), bool(np.array_equal(got, c_serial[i])),
+                float(np.abs(got - c_serial[i]).max()) / scale]
     out = []
     for n in sizes:
         sequence = transformer.with_new_state()
-        got = sequence.forward_prompt(tokens[:n])
-        row = [n, bool(np.array_equal(got, serial[n - 1])), float(np.abs(got - serial[n - 1]).max()) / scale]
+        row = [n] + compare(sequence.forward_prompt(tokens[:n]), n - 1)
         if n < len(tokens):
-            after = sequence.forward(tokens[n], n)
-            row += [bool(np.array_equal(after, serial[n])), float(np.abs(after - serial[n]).max()) / scale]
-        else:
-            row += [True, 0.0]
+            row += compare(sequence.forward(tokens[n], n), n)
         out.append(row)
     return out
 
