@@ -82,7 +82,7 @@ cdef struct RunState:
 
 
 # forward_batch's buffers (not in run.c: see forward_batch)
-DEF MAX_BATCH = 16  # tokens that go through a layer together
+DEF MAX_BATCH = 32  # tokens that go through a layer together
 DEF F32_BLOCK_ROWS = 16  # weight rows per unit of work across threads (a multiple of f32dot.h's tile)
 
 cdef struct BatchEntry:
@@ -557,10 +557,28 @@ cdef void free_batch_state(BatchState* b) noexcept:
 cdef void matmul_batch(float* xout, const float* x, const float* w, int n, int d, int B) noexcept nogil:
     # W (d,n) @ x (B,n) -> xout (B,d): matmul() for B vectors, each weight row read from memory
     # once for all of them. f32dot.h has the products, and says in which order each is summed
-    cdef Py_ssize_t block
-    for block in prange((d + F32_BLOCK_ROWS - 1) // F32_BLOCK_ROWS, schedule="static"):
-        f32_matmul_rows(xout, x, w, n, d, B, block * F32_BLOCK_ROWS,
-                        min(d, (block + 1) * F32_BLOCK_ROWS))
+    matmul_batch3(x, n, B, xout, w, d, NULL, NULL, 0, NULL, NULL, 0)
+
+cdef void matmul_batch3(const float* x, int n, int B, float* out1, const float* w1, int d1,
+                        float* out2, const float* w2, int d2, float* out3, const float* w3,
+                        int d3) noexcept nogil:
+    # matmul_batch for up to three matrices that multiply the same x (q, k and v; w1 and w3) in one
+    # parallel region: each region ends with the threads waiting for each other, which costs
+    # little on an idle machine and a lot when another program holds one of the cores
+    cdef Py_ssize_t blocks1 = (d1 + F32_BLOCK_ROWS - 1) // F32_BLOCK_ROWS
+    cdef Py_ssize_t blocks2 = (d2 + F32_BLOCK_ROWS - 1) // F32_BLOCK_ROWS
+    cdef Py_ssize_t blocks3 = (d3 + F32_BLOCK_ROWS - 1) // F32_BLOCK_ROWS
+    cdef Py_ssize_t block, i
+    for block in prange(blocks1 + blocks2 + blocks3, schedule="static"):
+        if block < blocks1:
+            i = block * F32_BLOCK_ROWS
+            f32_matmul_rows(out1, x, w1, n, d1, B, i, min(d1, i + F32_BLOCK_ROWS))
+        elif block < blocks1 + blocks2:
+            i = (block - blocks1) * F32_BLOCK_ROWS
+            f32_matmul_rows(out2, x, w2, n, d2, B, i, min(d2, i + F32_BLOCK_ROWS))
+        else:
+            i = (block - blocks1 - blocks2) * F32_BLOCK_ROWS
+            f32_matmul_rows(out3, x, w3, n, d3, B, i, min(d3, i + F32_BLOCK_ROWS))
 
 cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* batch, int B) noexcept nogil:
     # forward() for B entries at once (B <= MAX_BATCH): each entry's token at its position, on its
@@ -600,9 +618,8 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
 
         # qkv matmuls for these positions
         loff = l * p.seq_len * kv_dim  # kv cache layer offset for convenience
-        matmul_batch(bs.q, bs.xb, w.wq + l * dim * dim, dim, dim, B)
-        matmul_batch(bs.k, bs.xb, w.wk + l * dim * kv_dim, dim, kv_dim, B)
-        matmul_batch(bs.v, bs.xb, w.wv + l * dim * kv_dim, dim, kv_dim, B)
+        matmul_batch3(bs.xb, dim, B, bs.q, w.wq + l * dim * dim, dim,
+                      bs.k, w.wk + l * dim * kv_dim, kv_dim, bs.v, w.wv + l * dim * kv_dim, kv_dim)
 
         # RoPE as in forward(), each token at its position; then key and value into its KV cache
         for b in range(B):
@@ -660,8 +677,8 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_ffn_weight + l * dim, dim)
 
         # w1(x) and w3(x), SwiGLU, w2
-        matmul_batch(bs.hb, bs.xb, w.w1 + l * dim * hidden_dim, dim, hidden_dim, B)
-        matmul_batch(bs.hb2, bs.xb, w.w3 + l * dim * hidden_dim, dim, hidden_dim, B)
+        matmul_batch3(bs.xb, dim, B, bs.hb, w.w1 + l * dim * hidden_dim, hidden_dim,
+                      bs.hb2, w.w3 + l * dim * hidden_dim, hidden_dim, NULL, NULL, 0)
         for b in range(B):
             swiglu(bs.hb + b * hidden_dim, bs.hb2 + b * hidden_dim, hidden_dim)
         matmul_batch(bs.xb, bs.hb, w.w2 + l * dim * hidden_dim, hidden_dim, dim, B)
