@@ -9,6 +9,12 @@
 ctypedef void (*forward_batch_fn)(Transformer, BatchState*, BatchEntry*, int) noexcept nogil
 cdef forward_batch_fn run_forward_batch = forward_batch
 
+cdef void forward_pass(Transformer transformer, BatchState* bs, BatchEntry* batch, int B) noexcept nogil:
+    # forward_batch on as many threads as the batch state's Team chooses (team.pxi)
+    cdef double start = team_begin(&bs.team, B)
+    run_forward_batch(transformer, bs, batch, B)
+    team_end(&bs.team, B, start)
+
 cdef float* forward_next(Transformer transformer, int token, int pos) noexcept nogil:
     # forward() through forward_batch: one token of the transformer's own sequence, whose logits
     # it returns (in the batch state, until the next call). The command line and the API decode
@@ -19,7 +25,7 @@ cdef float* forward_next(Transformer transformer, int token, int pos) noexcept n
     entry.token = token
     entry.pos = pos
     entry.want_logits = True
-    run_forward_batch(transformer, &transformer.batch, &entry, 1)
+    forward_pass(transformer, &transformer.batch, &entry, 1)
     return transformer.batch.logits
 
 cdef void forward_prompt(Transformer transformer, const int* tokens, int n, int pos,
@@ -36,7 +42,7 @@ cdef void forward_prompt(Transformer transformer, const int* tokens, int n, int 
             batch[b].token = tokens[start + b]
             batch[b].pos = pos + start + b
             batch[b].want_logits = all_logits or start + b == n - 1
-        run_forward_batch(transformer, &transformer.batch, batch, B)
+        forward_pass(transformer, &transformer.batch, batch, B)
         start += B
     if not all_logits:
         memcpy(transformer.state.logits, transformer.batch.logits,

@@ -51,7 +51,7 @@ def generate_batch(Transformer transformer, Tokenizer tokenizer, list samplers, 
                 batch[b].pos = pos[group[b]]
                 batch[b].want_logits = True
             with nogil:
-                run_forward_batch(transformer, bs, batch, B)
+                forward_pass(transformer, bs, batch, B)
             # then generate()'s loop body for each, from its logits
             for b in range(B):
                 i = group[b]

@@ -32,6 +32,8 @@ cdef extern from "f32dot.h" nogil:
     const int F32_FIXED_ORDER
 
 
+include "team.pxi"  # how many threads decode with
+
 # ----------------------------------------------------------------------------
 # Transformer model
 
@@ -103,6 +105,7 @@ cdef struct BatchState:
     float* v  # (MAX_BATCH, kv_dim)
     float* att  # (MAX_BATCH, n_heads, seq_len)
     float* logits  # (MAX_BATCH, vocab_size)
+    Team team  # how many threads its passes run on (team.pxi)
 
 @cython.no_gc_clear  # __dealloc__ needs weights_owner: the GC must not clear it first
 cdef class Transformer:

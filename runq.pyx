@@ -35,6 +35,8 @@ from llama2_cython.formats import map_model, quantized_tensors
 # (Transformer.group_size) and hands it to quantize, dequantize and matmul as their GS argument, so
 # that models with different group sizes can live in one process.
 
+include "team.pxi"  # how many threads decode with
+
 # ----------------------------------------------------------------------------
 # Transformer model
 
@@ -115,6 +117,7 @@ cdef struct BatchState:
     float* v  # (MAX_BATCH, kv_dim)
     float* att  # (MAX_BATCH, n_heads, seq_len)
     float* logits  # (MAX_BATCH, vocab_size)
+    Team team  # how many threads its passes run on (team.pxi)
     # the quantized matmul inputs, a row of max(dim, hidden_dim) per token (xq and hq of forward())
     int8_t* xq_q
     float* xq_s
