@@ -55,9 +55,6 @@
 #else
 #pragma GCC push_options
 #pragma GCC optimize("no-associative-math")
-/* 64-byte vectors only ever live inside these inlined functions: no ABI crosses them */
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -69,40 +66,42 @@ typedef float f32x16_unaligned __attribute__((vector_size(64), aligned(4), may_a
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
 
-static inline __attribute__((always_inline)) f32x16 f32_load16(const float* p) {
-    return *(const f32x16_unaligned*)p;
-}
+/* Loads, as macros (like F32_SUM16 below): a function returning a 64-byte vector draws an ABI
+ * warning from gcc where AVX-512 is off, although it would be inlined */
+#define F32_LOAD16(p) (*(const f32x16_unaligned*)(p))
 
-static inline __attribute__((always_inline)) f32x16 f32_load_tail(const float* p, int m) {
-    /* m < 16 columns, the rest zeros: a masked load where there is one (a memcpy call or an
-       element loop here makes gcc keep the running sums in memory for the whole loop) */
+/* m < 16 columns, the rest zeros: a masked load where there is one (a memcpy call or an element
+ * loop here makes gcc keep the running sums in memory for the whole loop) */
 #if defined(__AVX512F__)
-    return (f32x16)_mm512_maskz_loadu_ps((__mmask16)((1u << m) - 1), p);
+#define F32_LOAD_TAIL(p, m) ((f32x16)_mm512_maskz_loadu_ps((__mmask16)((1u << (m)) - 1), (p)))
 #elif defined(__AVX2__)
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    __m256 lo = _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(m), lane));
-    __m256 hi = _mm256_maskload_ps(p + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32(m - 8), lane));
-    f32x16 v;
-    memcpy(&v, &lo, sizeof lo);
-    memcpy((char*)&v + sizeof lo, &hi, sizeof hi);
-    return v;
+#define F32_LOAD_TAIL(p, m) ({                                                                   \
+    const __m256i lane_ = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);                            \
+    __m256 lo_ = _mm256_maskload_ps((p), _mm256_cmpgt_epi32(_mm256_set1_epi32(m), lane_));      \
+    __m256 hi_ = _mm256_maskload_ps((p) + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32((m) - 8), lane_)); \
+    f32x16 v_;                                                                                   \
+    memcpy(&v_, &lo_, sizeof lo_);                                                               \
+    memcpy((char*)&v_ + sizeof lo_, &hi_, sizeof hi_);                                           \
+    v_;                                                                                          \
+})
 #else
-    f32x16 v;
-    for (int k = 0; k < 16; k++)
-        v[k] = k < m ? p[k] : 0.0f;
-    return v;
+#define F32_LOAD_TAIL(p, m) ({                                                                   \
+    f32x16 v_;                                                                                   \
+    for (int k_ = 0; k_ < 16; k_++)                                                              \
+        v_[k_] = k_ < (m) ? (p)[k_] : 0.0f;                                                      \
+    v_;                                                                                          \
+})
 #endif
-}
 
-static inline __attribute__((always_inline)) float f32_sum16(f32x16 v) {
-    /* lanes 0-7 + 8-15, 0-3 + 4-7, then (0 + 2) + (1 + 3) */
-    f32x8 a8 = (f32x8){v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]}
-             + (f32x8){v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
-    f32x4 a4 = (f32x4){a8[0], a8[1], a8[2], a8[3]} + (f32x4){a8[4], a8[5], a8[6], a8[7]};
-    float s0 = a4[0] + a4[2];
-    float s1 = a4[1] + a4[3];
-    return s0 + s1;
-}
+/* lanes 0-7 + 8-15, 0-3 + 4-7, then (0 + 2) + (1 + 3) */
+#define F32_SUM16(v) ({                                                                          \
+    f32x8 a8_ = (f32x8){v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]}                         \
+              + (f32x8){v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};                 \
+    f32x4 a4_ = (f32x4){a8_[0], a8_[1], a8_[2], a8_[3]} + (f32x4){a8_[4], a8_[5], a8_[6], a8_[7]}; \
+    float s0_ = a4_[0] + a4_[2];                                                                 \
+    float s1_ = a4_[1] + a4_[3];                                                                 \
+    s0_ + s1_;                                                                                   \
+})
 
 /* R rows from i0 times T vectors from b0, R and T at most 4. They are constants where this is
  * inlined, so the code for the products outside R x T goes, and the running sums (named, not an
@@ -111,17 +110,22 @@ static inline __attribute__((always_inline)) float f32_sum16(f32x16 v) {
 #define F32_ROWS_X_VEC(t, X)                                  \
     if (T > t) {                                              \
         xv = X;                                               \
-        F32_KEEP(xv)                                          \
+        F32_KEEP(xv);                                         \
         a0##t += w0 * xv;                                     \
         if (R > 1) a1##t += w1 * xv;                          \
         if (R > 2) a2##t += w2 * xv;                          \
         if (R > 3) a3##t += w3 * xv;                          \
     }
 #define F32_STORE(r, t) \
-    if (R > r && T > t) out[(size_t)(b0 + t) * d + i0 + r] = f32_sum16(a##r##t);
+    if (R > r && T > t) out[(size_t)(b0 + t) * d + i0 + r] = F32_SUM16(a##r##t);
 
-/* a loaded vector stays in its register: without this gcc loads the rows again for every vector */
-#define F32_KEEP(v) __asm__("" : "+v"(v));
+/* a loaded vector stays in its register: without this gcc loads the rows again for every vector.
+ * Only where a 16-lane vector fits one register (AVX-512) */
+#if defined(__AVX512F__)
+#define F32_KEEP(v) __asm__("" : "+v"(v))
+#else
+#define F32_KEEP(v) ((void)0)
+#endif
 
 static inline __attribute__((always_inline)) void f32_tile_RxT(
         float* out, const float* x, const float* w, int n, int d, int i0, int b0,
@@ -138,26 +142,29 @@ static inline __attribute__((always_inline)) void f32_tile_RxT(
         if (prefetch_w)
             for (r = 0; r < R; r++)
                 F32_PREFETCH(prefetch_w + (size_t)r * n + j);
-        w0 = f32_load16(wr + j);
-        if (R > 1) w1 = f32_load16(wr + n + j);
-        if (R > 2) w2 = f32_load16(wr + 2 * (size_t)n + j);
-        if (R > 3) w3 = f32_load16(wr + 3 * (size_t)n + j);
-        F32_KEEP(w0) if (R > 1) F32_KEEP(w1) if (R > 2) F32_KEEP(w2) if (R > 3) F32_KEEP(w3)
-        F32_ROWS_X_VEC(0, f32_load16(xb + j))
-        F32_ROWS_X_VEC(1, f32_load16(xb + n + j))
-        F32_ROWS_X_VEC(2, f32_load16(xb + 2 * (size_t)n + j))
-        F32_ROWS_X_VEC(3, f32_load16(xb + 3 * (size_t)n + j))
+        w0 = F32_LOAD16(wr + j);
+        if (R > 1) w1 = F32_LOAD16(wr + n + j);
+        if (R > 2) w2 = F32_LOAD16(wr + 2 * (size_t)n + j);
+        if (R > 3) w3 = F32_LOAD16(wr + 3 * (size_t)n + j);
+        F32_KEEP(w0);
+        if (R > 1) F32_KEEP(w1);
+        if (R > 2) F32_KEEP(w2);
+        if (R > 3) F32_KEEP(w3);
+        F32_ROWS_X_VEC(0, F32_LOAD16(xb + j))
+        F32_ROWS_X_VEC(1, F32_LOAD16(xb + n + j))
+        F32_ROWS_X_VEC(2, F32_LOAD16(xb + 2 * (size_t)n + j))
+        F32_ROWS_X_VEC(3, F32_LOAD16(xb + 3 * (size_t)n + j))
     }
     if (j < n) {
         int m = n - j;
-        w0 = f32_load_tail(wr + j, m);
-        if (R > 1) w1 = f32_load_tail(wr + n + j, m);
-        if (R > 2) w2 = f32_load_tail(wr + 2 * (size_t)n + j, m);
-        if (R > 3) w3 = f32_load_tail(wr + 3 * (size_t)n + j, m);
-        F32_ROWS_X_VEC(0, f32_load_tail(xb + j, m))
-        F32_ROWS_X_VEC(1, f32_load_tail(xb + n + j, m))
-        F32_ROWS_X_VEC(2, f32_load_tail(xb + 2 * (size_t)n + j, m))
-        F32_ROWS_X_VEC(3, f32_load_tail(xb + 3 * (size_t)n + j, m))
+        w0 = F32_LOAD_TAIL(wr + j, m);
+        if (R > 1) w1 = F32_LOAD_TAIL(wr + n + j, m);
+        if (R > 2) w2 = F32_LOAD_TAIL(wr + 2 * (size_t)n + j, m);
+        if (R > 3) w3 = F32_LOAD_TAIL(wr + 3 * (size_t)n + j, m);
+        F32_ROWS_X_VEC(0, F32_LOAD_TAIL(xb + j, m))
+        F32_ROWS_X_VEC(1, F32_LOAD_TAIL(xb + n + j, m))
+        F32_ROWS_X_VEC(2, F32_LOAD_TAIL(xb + 2 * (size_t)n + j, m))
+        F32_ROWS_X_VEC(3, F32_LOAD_TAIL(xb + 3 * (size_t)n + j, m))
     }
     F32_STORE(0, 0) F32_STORE(1, 0) F32_STORE(2, 0) F32_STORE(3, 0)
     F32_STORE(0, 1) F32_STORE(1, 1) F32_STORE(2, 1) F32_STORE(3, 1)
@@ -220,7 +227,6 @@ static void f32_matmul_rows(float* out, const float* x, const float* w, int n, i
 #if defined(__clang__)
 #pragma clang fp reassociate(on)
 #else
-#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif
 

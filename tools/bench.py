@@ -20,11 +20,15 @@ together (what the command line reports for it), against the same program's deco
 against the FLOP rate of numpy's sgemm multiplying the same 128 x dim activations by the same
 weight matrices (a prompt is compute-bound, decode is memory-bound).
 
-Last, batched decode through the Python API (Model.generate_batch): the aggregate tok/s of 1, 4,
+Then batched decode through the Python API (Model.generate_batch): the aggregate tok/s of 1, 4,
 8 and 16 sequences decoded together, and the bandwidth at which their passes stream the weights
 against numpy's sgemv.
+
+Last, decode while another program keeps one core busy, against the same decode on one thread
+under the same load (what the port's choice of threads, team.pxi, can at best reach).
 """
 import argparse
+import contextlib
 import functools
 import os
 import re
@@ -151,11 +155,23 @@ def batched_tok_s(model, sequences, steps):
     return sequences * steps / (time.perf_counter() - t0)
 
 
-def decode_tok_s(command, model, tokenizer, steps):
+def decode_tok_s(command, model, tokenizer, steps, env=None):
     """The `achieved tok/s` that command (a run-like CLI) reports for a greedy run."""
     proc = subprocess.run([*command, str(model), "-z", str(tokenizer), "-n", str(steps), "-t", "0"],
-                          cwd=REPO, capture_output=True, text=True, check=True)
+                          cwd=REPO, capture_output=True, text=True, check=True, env=env)
     return float(re.search(r"achieved tok/s: ([0-9.]+)", proc.stderr).group(1))
+
+
+@contextlib.contextmanager
+def busy_core():
+    """Another program keeping one core busy meanwhile (a Python loop)."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def rounds(repeats, yardstick, *measures):
@@ -299,6 +315,22 @@ def main():
                     text = verdict(ok, "x one >= 4")
                 print(f"| {prog} | {name} | {sequences} | {tok_s:.1f} | {tok_s / one:.1f} | "
                       f"{tok_s / sequences * nbytes / 1e9:.1f} | {numpy_gbps:.1f} | {text} |", flush=True)
+    if cpu_programs:
+        print(f"\nDecode with one core busy (another program spinning), OMP_NUM_THREADS="
+              f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, against the same decode on one thread:")
+        print("| program | shape | tok/s | one thread, busy | ratio | idle tok/s |")
+        print("| --- | --- | --- | --- | --- | --- |")
+    for name in args.shapes if cpu_programs else []:
+        fp32, q80, tok = model_files(name, "runq" in cpu_programs)
+        one_thread = dict(os.environ, OMP_NUM_THREADS="1")
+        with busy_core():
+            for prog in cpu_programs:
+                model = q80 if prog == "runq" else fp32
+                alone, (tok_s,), (ratio,) = rounds(
+                    args.repeats, functools.partial(decode_tok_s, COMMANDS[prog], model, tok, args.steps, one_thread),
+                    functools.partial(decode_tok_s, COMMANDS[prog], model, tok, args.steps))
+                print(f"| {prog} | {name} | {tok_s:.1f} | {alone:.1f} | {ratio:.2f} | "
+                      f"{decode[prog, name]:.1f} |", flush=True)
     return 1 if failed else 0
 
 

@@ -1,0 +1,50 @@
+/* f32dot_check: f32dot.h's products on pseudo-random matrices, written to stdout as raw float32.
+ * tests/test_f32dot.py compiles it with several flag sets and compares the outputs.
+ *
+ *   f32dot_check n d B seed   ->  out (B, d) from f32_matmul_rows over all rows at once, then
+ *                                 out (B, d) again, one vector at a time and one row at a time */
+#include <stdio.h>
+#include <stdlib.h>
+#include "f32dot.h"
+
+static unsigned long long state;
+
+static float random_float(void) {
+    /* xorshift64*: values in [-1, 1), some of them tiny or large to vary the exponents */
+    state ^= state >> 12;
+    state ^= state << 25;
+    state ^= state >> 27;
+    unsigned int bits = (unsigned int)((state * 0x2545F4914F6CDD1Dull) >> 32);
+    float v = (float)(bits >> 8) / 8388608.0f - 1.0f;
+    if ((bits & 15) == 0) v *= 1024.0f;
+    if ((bits & 15) == 1) v /= 4096.0f;
+    return v;
+}
+
+int main(int argc, char** argv) {
+    if (argc != 5) {
+        fprintf(stderr, "usage: f32dot_check n d B seed\n");
+        return 2;
+    }
+    int n = atoi(argv[1]), d = atoi(argv[2]), B = atoi(argv[3]);
+    state = strtoull(argv[4], NULL, 10) | 1;
+    float* w = malloc(sizeof(float) * n * d);
+    float* x = malloc(sizeof(float) * n * B);
+    float* out = malloc(sizeof(float) * d * B);
+    float* one = malloc(sizeof(float) * d);
+    if (!w || !x || !out || !one) return 1;
+    for (int i = 0; i < n * d; i++) w[i] = random_float();
+    for (int i = 0; i < n * B; i++) x[i] = random_float();
+    f32_matmul_rows(out, x, w, n, d, B, 0, d);
+    fwrite(out, sizeof(float), (size_t)d * B, stdout);
+    for (int b = 0; b < B; b++) {
+        for (int i = 0; i < d; i++)
+            f32_matmul_rows(one, x + (size_t)b * n, w, n, d, 1, i, i + 1);
+        fwrite(one, sizeof(float), d, stdout);
+    }
+    free(w);
+    free(x);
+    free(out);
+    free(one);
+    return 0;
+}
