@@ -4,11 +4,13 @@ the KV cache that feeding it one token at a time leaves, bit for bit on both bui
 forward() (forward(reference=True)), bit for bit when built with IEEE flags (the exact build);
 under -Ofast, to rounding (f32dot.h says why). Shapes: GQA and MQA, dims that are not multiples of
 16, runq with group sizes that cut rows, prompts shorter and longer than a batch (32 tokens)."""
+import os
+
 import numpy as np
 import pytest
 
 from llama2_cython import export
-from tests.helpers import BUILDS, TESTDATA, in_build
+from tests.helpers import BUILDS, TESTDATA, in_build, run_cli
 from tests.test_runq import fp32_weights, write_v2
 
 SIZES = [1, 2, 7, 8, 9, 16, 17, 33, 40]
@@ -58,3 +60,17 @@ def test_runq_prefill_is_forward_token_by_token(tmp_path, gqa_weights, group_siz
     path = tmp_path / "model_q80.bin"
     write_v2(path, config, weights, group_size, shared)
     check(build, "runq", path, config["vocab_size"])
+
+
+@pytest.mark.parametrize("prog, model", [("run", "tiny_gqa.bin"), ("runq", "tiny_gqa_q80.bin")])
+def test_output_does_not_depend_on_threads(prog, model):
+    # decode picks one thread or all as it measures (team.pxi), and OMP_NUM_THREADS sets all:
+    # which thread computes which rows must not change a bit of the output
+    args = [TESTDATA / model, "-z", TESTDATA / "tok512.bin", "-n", "120", "-t", "1.0", "-p", "0.95",
+            "-s", "7", "-i", "Once upon a time"]
+    outputs = {}
+    for threads in ("1", "2", "3"):
+        proc = run_cli(prog, args, env=dict(os.environ, OMP_NUM_THREADS=threads))
+        assert proc.returncode == 0, proc.stderr
+        outputs[threads] = proc.stdout
+    assert outputs["1"] == outputs["2"] == outputs["3"]
