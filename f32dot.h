@@ -2,9 +2,10 @@
  * for the command line and the API (forward() stays run.c's, the reference it is tested against).
  *
  * f32_matmul_rows(out, x, w, n, d, B, i0, i1) computes rows i0 .. i1 - 1 of W (d, n) times each of
- * B vectors x (B, n), into out (B, d). matmul_batch spreads blocks of rows over threads. Every output is the dot product of one weight row and one vector, and each is
- * summed by the same arithmetic whatever B is and wherever it falls in a tile, so a token's logits
- * do not depend on what else is in the batch:
+ * B vectors x (B, n), into out (B, d); matmul_batch spreads blocks of rows over threads. Every
+ * output is the dot product of one weight row and one vector, and each is summed by the same
+ * arithmetic whatever B is and wherever it falls in a tile, so a token's logits do not depend on
+ * what else is in the batch:
  *
  *   - IEEE builds (no fast-math: make run, make exact): run.c's loop, one product after the other
  *     in order, so that every sum is matmul()'s bit for bit (and the output C's -O3 output).
