@@ -26,10 +26,16 @@ def compiler_flags():
     return cflags, [f for f in openmp if f == "-fopenmp"]
 
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+# the C headers a .pyx includes (a change rebuilds it)
+DEPENDS = {"runq.pyx": ["q8matmul.h"]}
+
+
 def extension(name, source):
     cflags, ldflags = compiler_flags()
     return Extension(name, [source], extra_compile_args=cflags, extra_link_args=ldflags,
-                     libraries=[] if MSVC else ["m"])
+                     libraries=[] if MSVC else ["m"], include_dirs=[REPO],
+                     depends=DEPENDS.get(source, []))
 
 
 debug = os.environ.get("LLAMA_DEBUG") == "1"
