@@ -26,6 +26,7 @@ cdef extern from "q8matmul.h" nogil:
                          int n, int gs)
     float q8_row_ragged(const int8_t* xq, const float* xs, const int8_t* wq, const float* ws,
                         int64_t in_, int n, int gs)
+    int64_t q8_token_stride(int64_t widest)
 
 import array
 import os
@@ -129,7 +130,8 @@ cdef struct BatchState:
     float* v  # (MAX_BATCH, kv_dim)
     float* att  # (MAX_BATCH, n_heads, seq_len)
     float* logits  # (MAX_BATCH, vocab_size)
-    # the quantized matmul inputs, a row of max(dim, hidden_dim) per token (xq and hq of forward())
+    # the quantized matmul inputs, a row of q8_token_stride(max(dim, hidden_dim)) per token (xq and
+    # hq of forward())
     int8_t* xq_q
     float* xq_s
     int32_t* xsum  # and their group sums (q8_group_sums)
@@ -663,9 +665,10 @@ cdef void malloc_batch_state(BatchState* b, Config* p) except *:
     b.v = <float*>calloc(MAX_BATCH * kv_dim, sizeof(float))
     b.att = <float*>calloc(<size_t>MAX_BATCH * p.n_heads * p.seq_len, sizeof(float))
     b.logits = <float*>calloc(<size_t>MAX_BATCH * p.vocab_size, sizeof(float))
-    b.xq_q = <int8_t*>calloc(MAX_BATCH * widest, sizeof(int8_t))
-    b.xq_s = <float*>calloc(MAX_BATCH * widest, sizeof(float))
-    b.xsum = <int32_t*>calloc(MAX_BATCH * widest, sizeof(int32_t))
+    cdef size_t stride = q8_token_stride(widest)
+    b.xq_q = <int8_t*>calloc(MAX_BATCH * stride, sizeof(int8_t))
+    b.xq_s = <float*>calloc(MAX_BATCH * stride, sizeof(float))
+    b.xsum = <int32_t*>calloc(MAX_BATCH * stride, sizeof(int32_t))
     if (not b.x or not b.xb or not b.xb2 or not b.hb or not b.hb2 or not b.q or not b.k or not b.v
             or not b.att or not b.logits or not b.xq_q or not b.xq_s or not b.xsum):
         free_batch_state(b)
@@ -693,21 +696,22 @@ cdef void matmul_batch(float* xout, BatchState* bs, const float* x, const Quanti
     # matmul()'s kernel for all B rows at once, so that each weight row is read from memory once
     # for all of them (q8matmul.h: the row product of a (row, token) does not depend on B)
     cdef Py_ssize_t i, b, block
+    cdef Py_ssize_t stride = q8_token_stride(widest)  # as malloc_batch_state allocated them
     cdef QuantizedTensor xq
     for b in range(B):
-        xq.q = bs.xq_q + b * widest
-        xq.s = bs.xq_s + b * widest
+        xq.q = bs.xq_q + b * stride
+        xq.s = bs.xq_s + b * stride
         quantize(&xq, x + b * n, n, GS)
         if n % GS == 0:
-            q8_group_sums(xq.q, bs.xsum + b * widest, n, GS)
+            q8_group_sums(xq.q, bs.xsum + b * stride, n, GS)
     if n % GS:
         for i in prange(d, schedule="static"):
             for b in range(B):
-                xout[b * d + i] = q8_row_ragged(bs.xq_q + b * widest, bs.xq_s + b * widest, w.q, w.s,
+                xout[b * d + i] = q8_row_ragged(bs.xq_q + b * stride, bs.xq_s + b * stride, w.q, w.s,
                                                 i * n, n, GS)
         return
     for block in prange((d + Q8_ROWS - 1) // Q8_ROWS, schedule="static"):
-        q8_matmul_block(xout, d, block, bs.xq_q, bs.xsum, bs.xq_s, B, widest, w.q, w.s, n, GS)
+        q8_matmul_block(xout, d, block, bs.xq_q, bs.xsum, bs.xq_s, B, stride, w.q, w.s, n, GS)
 
 cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* batch, int B) noexcept nogil:
     # forward() for B entries at once (B <= MAX_BATCH): each entry's token at its position, on its
