@@ -10,17 +10,18 @@
  * Integer sums are exact in any order, so the SIMD paths compute them however is fastest. The
  * float accumulation over groups is one sequential chain per (row, token), and its arithmetic
  * is fixed here, not left to the compiler, so that a (row, token) gets the same bits whatever T
- * is and whichever kernel below runs it (forward() == forward_batch() bit for bit on every build):
+ * is and whichever kernel below runs it: matmul and matmul_batch agree bit for bit on every
+ * build, IEEE or -Ofast (the fp32 steps around them are another matter):
  *   - the plain path is runq.c's expression, (float)ival * ws * xs rounded, then added, in a
- *     function that is never inlined (q8_row_plain), so every caller runs the same machine code
+ *     function that is never inlined or cloned (q8_row_plain), so every caller runs the same code
  *     even where -Ofast would compile an inlined copy differently by context. With IEEE flags
  *     (make run: -O3, no -march) this is runq.c's -O3 arithmetic bit for bit.
- *   - the SIMD paths keep one lane per row (or per row and token) and do, lane by lane, in
- *     group order: val = fma((float)isum, ws * xs, val) with the intrinsics' FMA (one rounding
- *     for the multiply-add: gcc -Ofast turns runq.c's line into val + (float)ival * (ws * xs)
- *     with two roundings, which a vector of adds would leave gcc free to fuse or not by
- *     context). AVX-512 and AVX2 builds therefore give the same numbers; -Ofast runq.c's differ
- *     by that rounding, which only the non-robust golden cases can see.
+ *   - the SIMD paths keep one lane per row (one vector per token) and do, lane by lane, in
+ *     group order: val = fma((float)isum, ws * xs, val) with the FMA intrinsic (one rounding
+ *     for the multiply-add). gcc 12 -Ofast compiles runq.c's line as val + (float)ival * (ws *
+ *     xs) with two roundings; written with a vector add, gcc would be free to fuse it or not by
+ *     context. AVX-512 and AVX2 builds therefore give the same numbers; -Ofast runq.c's differ
+ *     by that one rounding, which only the non-robust golden cases can see.
  *
  * Which path: chosen at build time from the compiler's target macros (Q8_KERNEL says which). The
  * builds that care about speed (make runomp, pip install) use -march=native, which defines the
@@ -67,9 +68,6 @@
 
 #if Q8_SIMD
 #include <immintrin.h>
-#ifndef Q8_PREFETCH_HINT
-#define Q8_PREFETCH_HINT _MM_HINT_T0
-#endif
 #endif
 
 #if defined(_MSC_VER)
@@ -77,7 +75,11 @@
 #define Q8_NOINLINE static __declspec(noinline)
 #elif defined(__GNUC__)
 #define Q8_INLINE static inline __attribute__((always_inline))
+#if defined(__clang__) || __GNUC__ < 8
 #define Q8_NOINLINE static __attribute__((noinline))
+#else  /* noinline alone still lets gcc make a specialised clone for a caller */
+#define Q8_NOINLINE static __attribute__((noipa))
+#endif
 #else
 #define Q8_INLINE static inline
 #define Q8_NOINLINE static
@@ -252,7 +254,7 @@ Q8_INLINE __m512 q8_block16_one(const int8_t* const* wr, const float* const* sr,
             /* 16 rows of n bytes make 16 short streams that the hardware prefetcher does not
              * follow: the next block's bytes (contiguous) are asked for at the pace these are read */
             for (int r = 0; r < 16; r++)
-                _mm_prefetch((const char*)next + 16 * j + 64 * r, Q8_PREFETCH_HINT);
+                _mm_prefetch((const char*)next + 16 * j + 64 * r, _MM_HINT_T0);
             for (int r = 0; r < 16; r++)
                 v[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q8_load_w(wr[r] + j, bytes), xv);
             for (int i = 0; i < 8; i++)  /* lanes: rows 2i, 2i+1 alternately, partial sums */
@@ -344,7 +346,7 @@ Q8_INLINE void q8_block16_many(__m512* val, const int8_t* const* wr, const float
             int j = g * gs, bytes = n - j < 64 ? n - j : 64;
             __m512i wt[16];
             for (int r = 0; r < 16; r++)  /* as in q8_block16_one */
-                _mm_prefetch((const char*)next + 16 * j + 64 * r, Q8_PREFETCH_HINT);
+                _mm_prefetch((const char*)next + 16 * j + 64 * r, _MM_HINT_T0);
             for (int r = 0; r < 16; r++)
                 wt[r] = q8_load_w(wr[r] + j, bytes);
             q8_transpose16(wt);
