@@ -374,16 +374,17 @@ Q8_INLINE void q8_block_simd(float* out, int d, int row0, int rows, const int8_t
         wr[r] = wq + i * n;
         sr[r] = ws + i * groups;
     }
+    /* the next block, for the prefetches, if it has 16 rows (else this block asks for itself) */
+    const int8_t* next = wq + (int64_t)(row0 + 32 <= d ? row0 + 16 : row0) * n;
     if (T == 1) {
-        _mm512_mask_storeu_ps(out + row0, lanes, q8_block16_one(wr, sr, xq, xsum, xs, n, gs,
-                                                                 wq + (int64_t)(row0 + 16) * n));
+        _mm512_mask_storeu_ps(out + row0, lanes, q8_block16_one(wr, sr, xq, xsum, xs, n, gs, next));
         return;
     }
     for (int t0 = 0; t0 < T; t0 += 16) {  /* MAX_BATCH is 16: more tokens take another pass */
         int nt = T - t0 < 16 ? T - t0 : 16;
         __m512 val[16];
         q8_block16_many(val, wr, sr, xq + t0 * xstride, xsum + t0 * xstride, xs + t0 * xstride, nt,
-                        xstride, n, gs, wq + (int64_t)(row0 + 16) * n);
+                        xstride, n, gs, next);
         for (int t = 0; t < nt; t++)
             _mm512_mask_storeu_ps(out + (int64_t)(t0 + t) * d + row0, lanes, val[t]);
     }
