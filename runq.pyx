@@ -10,11 +10,23 @@ cimport cython
 from cython.parallel cimport prange
 from cpython.exc cimport PyErr_CheckSignals
 from libc.math cimport cosf, expf, fabsf, powf, roundf, sinf, sqrtf
-from libc.stdint cimport int8_t, int16_t, int32_t, uint32_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint32_t
 from libc.stdio cimport FILE, fclose, fopen, fread, fseek, ftell, sscanf, SEEK_END, SEEK_SET
 from libc.errno cimport errno
 from libc.stdlib cimport bsearch, calloc, free, malloc, qsort
 from libc.string cimport memcpy, memset, strcmp, strlen
+
+cdef extern from "q8matmul.h" nogil:
+    # runq's int8 matmul kernels (the header says what each SIMD path does and how one is chosen)
+    const char* Q8_KERNEL
+    int Q8_ROWS
+    void q8_group_sums(const int8_t* x, int32_t* xsum, int n, int gs)
+    void q8_matmul_block(float* out, int d, int64_t block, const int8_t* xq, const int32_t* xsum,
+                         const float* xs, int T, int64_t xstride, const int8_t* wq, const float* ws,
+                         int n, int gs)
+    float q8_row_ragged(const int8_t* xq, const float* xs, const int8_t* wq, const float* ws,
+                        int64_t in_, int n, int gs)
+    int64_t q8_token_stride(int64_t widest)
 
 import array
 import os
@@ -27,6 +39,9 @@ from llama2_cython import LlamaError
 from llama2_cython.api import exclusive_state
 from llama2_cython.cli import ExitStatus, parse_args, read_line
 from llama2_cython.formats import map_model, quantized_tensors
+
+# which of q8matmul.h's kernels this build compiled: "avx512vnni", "avx2" or "plain"
+INT8_KERNEL = (<bytes>Q8_KERNEL).decode("ascii")
 
 
 # ----------------------------------------------------------------------------
@@ -83,7 +98,7 @@ cdef struct RunState:
     float* hb2  # buffer for hidden dimension in the ffn (hidden_dim,)
     QuantizedTensor xq  # quantized x (dim,)
     QuantizedTensor hq  # quantized hb (hidden_dim,)
-    int16_t* x16  # xq.q or hq.q widened to int16 for matmul (max(dim, hidden_dim),); not in runq.c
+    int32_t* xsum  # the group sums of xq.q or hq.q for matmul (max(dim, hidden_dim),); not in runq.c
     float* q  # query (dim,)
     float* k  # key (dim,)
     float* v  # value (dim,)
@@ -118,10 +133,11 @@ cdef struct BatchState:
     float* att  # (MAX_BATCH, n_heads, seq_len)
     float* logits  # (MAX_BATCH, vocab_size)
     Team team  # how many threads its passes run on (team.pxi)
-    # the quantized matmul inputs, a row of max(dim, hidden_dim) per token (xq and hq of forward())
+    # the quantized matmul inputs, a row of q8_token_stride(max(dim, hidden_dim)) per token (xq and
+    # hq of forward())
     int8_t* xq_q
     float* xq_s
-    int16_t* x16
+    int32_t* xsum  # and their group sums (q8_group_sums)
 
 @cython.no_gc_clear  # __dealloc__ needs weights_owner: the GC must not clear it first
 cdef class Transformer:
@@ -253,7 +269,7 @@ cdef void malloc_run_state(RunState* s, Config* p) except *:
     s.xq.s = <float*>calloc(p.dim, sizeof(float))
     s.hq.q = <int8_t*>calloc(p.hidden_dim, sizeof(int8_t))
     s.hq.s = <float*>calloc(p.hidden_dim, sizeof(float))
-    s.x16 = <int16_t*>calloc(max(p.dim, p.hidden_dim), sizeof(int16_t))
+    s.xsum = <int32_t*>calloc(max(p.dim, p.hidden_dim), sizeof(int32_t))
     s.q = <float*>calloc(p.dim, sizeof(float))
     s.k = <float*>calloc(kv_dim, sizeof(float))
     s.v = <float*>calloc(kv_dim, sizeof(float))
@@ -263,7 +279,7 @@ cdef void malloc_run_state(RunState* s, Config* p) except *:
     s.value_cache = <float*>calloc(<size_t>p.n_layers * p.seq_len * kv_dim, sizeof(float))
     # ensure all mallocs went fine (runq.c forgets to check xq and hq)
     if (not s.x or not s.xb or not s.xb2 or not s.hb or not s.hb2 or not s.xq.q or not s.xq.s
-            or not s.hq.q or not s.hq.s or not s.x16 or not s.q or not s.k or not s.v or not s.att
+            or not s.hq.q or not s.hq.s or not s.xsum or not s.q or not s.k or not s.v or not s.att
             or not s.logits or not s.key_cache or not s.value_cache):
         free_run_state(s)
         raise MemoryError(f"malloc failed for the run state, whose KV cache alone is "
@@ -279,7 +295,7 @@ cdef void free_run_state(RunState* s) noexcept:
     free(s.xq.s)
     free(s.hq.q)
     free(s.hq.s)
-    free(s.x16)
+    free(s.xsum)
     free(s.q)
     free(s.k)
     free(s.v)
@@ -478,68 +494,22 @@ cdef void softmax(float* x, int size) noexcept nogil:
         x[i] /= sum
 
 cdef void matmul(float* xout, const QuantizedTensor* x, const QuantizedTensor* w, int n, int d,
-                 int GS, int16_t* x16) noexcept nogil:
+                 int GS, int32_t* xsum) noexcept nogil:
     # W (d,n) @ x (n,) -> xout (d,)
     # by far the most amount of time is spent inside this little function
     # inputs to this function are both quantized
-    cdef Py_ssize_t i, in_
+    cdef Py_ssize_t i, block
     if n % GS:
-        # rows that are not made of whole groups: see matmul_row_ragged
+        # rows that are not made of whole groups: see q8_row_ragged in q8matmul.h
         for i in prange(d, schedule="static"):
-            xout[i] = matmul_row_ragged(x, w, i * n, n, GS)
+            xout[i] = q8_row_ragged(x.q, x.s, w.q, w.s, i * n, n, GS)
         return
-    # x's values widened to int16 once here, not once per row: each row's dot product then
-    # widens only its weights (vpmaddwd / vpdpwssd on x86). The integer sums are runq.c's.
-    for i in range(n):
-        x16[i] = x.q[i]
-    for i in prange(d, schedule="static"):
-        in_ = i * n
-        # do the matmul in groups of GS; a group size that the C compiler sees as a constant lets
-        # it unroll and vectorize the dot product of a group
-        if GS == 32:
-            xout[i] = matmul_row(x16, x.s, w.q + in_, w.s + in_ // 32, n, 32)
-        elif GS == 64:
-            xout[i] = matmul_row(x16, x.s, w.q + in_, w.s + in_ // 64, n, 64)
-        else:
-            xout[i] = matmul_row(x16, x.s, w.q + in_, w.s + in_ // GS, n, GS)
-
-cdef inline float matmul_row(const int16_t* x16, const float* xs, const int8_t* wq, const float* ws,
-                             int n, int GS) noexcept nogil:
-    # one row of runq.c's matmul; wq and ws point at the row's values and scales, n % GS == 0,
-    # x16 holds x->q widened to int16
-    cdef float val = 0.0
-    cdef int32_t ival
-    cdef int group, j, k
-    for group in range(n // GS):  # for (j = 0; j <= n - GS; j += GS)
-        j = group * GS
-        ival = 0
-        for k in range(GS):
-            ival += <int32_t>x16[j + k] * <int32_t>wq[j + k]
-        val += (<float>ival) * ws[group] * xs[group]  # ws[group] is w->s[(in + j) / GS]
-    return val
-
-cdef float matmul_row_ragged(const QuantizedTensor* x, const QuantizedTensor* w, Py_ssize_t in_,
-                             int n, int GS) noexcept nogil:
-    # runq.c's matmul assumes n % GS == 0: otherwise row i starts in the middle of a weight group,
-    # (in + j) / GS picks the wrong scales and the last n % GS columns are skipped (stories42M's
-    # w2, hidden_dim 1376 with GS 64). Here the row is cut where either the x group or the w group
-    # ends, so each piece has one scale of each, and every column counts.
-    cdef float val = 0.0
-    cdef int32_t ival
-    cdef Py_ssize_t j = 0, end, w_end, k
-    while j < n:
-        end = (j // GS + 1) * GS  # where x's group ends
-        w_end = ((in_ + j) // GS + 1) * GS - in_  # where w's group ends
-        if w_end < end:
-            end = w_end
-        if n < end:
-            end = n
-        ival = 0
-        for k in range(j, end):
-            ival += <int32_t>x.q[k] * <int32_t>w.q[in_ + k]
-        val += (<float>ival) * w.s[(in_ + j) // GS] * x.s[j // GS]
-        j = end
-    return val
+    # do the matmul in groups of GS, Q8_ROWS rows at a time: runq.c's row product, int8 times int8
+    # with the SIMD instructions the build targets (Q8_KERNEL says which), the groups' floats added
+    # in runq.c's order. The same kernel serves matmul_batch, so a row gets the same bits in both.
+    q8_group_sums(x.q, xsum, n, GS)  # x's sum per group, once for all rows (the header says why)
+    for block in prange((d + Q8_ROWS - 1) // Q8_ROWS, schedule="static"):
+        q8_matmul_block(xout, d, block, x.q, xsum, x.s, 1, 0, w.q, w.s, n, GS)
 
 cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
     # a few convenience variables
@@ -576,9 +546,9 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
 
         # qkv matmuls for this position
         quantize(&s.xq, s.xb, dim, GS)
-        matmul(s.q, &s.xq, w.wq + l, dim, dim, GS, s.x16)
-        matmul(s.k, &s.xq, w.wk + l, dim, kv_dim, GS, s.x16)
-        matmul(s.v, &s.xq, w.wv + l, dim, kv_dim, GS, s.x16)
+        matmul(s.q, &s.xq, w.wq + l, dim, dim, GS, s.xsum)
+        matmul(s.k, &s.xq, w.wk + l, dim, kv_dim, GS, s.xsum)
+        matmul(s.v, &s.xq, w.wv + l, dim, kv_dim, GS, s.xsum)
 
         # RoPE relative positional encoding: complex-valued rotate q and k in each head
         for i in range(0, dim, 2):
@@ -637,7 +607,7 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
 
         # final matmul to get the output of the attention
         quantize(&s.xq, s.xb, dim, GS)
-        matmul(s.xb2, &s.xq, w.wo + l, dim, dim, GS, s.x16)
+        matmul(s.xb2, &s.xq, w.wo + l, dim, dim, GS, s.xsum)
 
         # residual connection back into x
         for i in range(dim):
@@ -649,8 +619,8 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
         # Now for FFN in PyTorch we have: self.w2(F.silu(self.w1(x)) * self.w3(x))
         # first calculate self.w1(x) and self.w3(x)
         quantize(&s.xq, s.xb, dim, GS)
-        matmul(s.hb, &s.xq, w.w1 + l, dim, hidden_dim, GS, s.x16)
-        matmul(s.hb2, &s.xq, w.w3 + l, dim, hidden_dim, GS, s.x16)
+        matmul(s.hb, &s.xq, w.w1 + l, dim, hidden_dim, GS, s.xsum)
+        matmul(s.hb2, &s.xq, w.w3 + l, dim, hidden_dim, GS, s.xsum)
 
         # SwiGLU non-linearity
         for i in range(hidden_dim):
@@ -663,7 +633,7 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
 
         # final matmul to get the output of the ffn
         quantize(&s.hq, s.hb, hidden_dim, GS)
-        matmul(s.xb, &s.hq, w.w2 + l, hidden_dim, dim, GS, s.x16)
+        matmul(s.xb, &s.hq, w.w2 + l, hidden_dim, dim, GS, s.xsum)
 
         # residual connection
         for i in range(dim):
@@ -674,7 +644,7 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
 
     # classifier into logits
     quantize(&s.xq, x, dim, GS)
-    matmul(s.logits, &s.xq, w.wcls, dim, p.vocab_size, GS, s.x16)
+    matmul(s.logits, &s.xq, w.wcls, dim, p.vocab_size, GS, s.xsum)
     return s.logits
 
 # ----------------------------------------------------------------------------
@@ -700,11 +670,12 @@ cdef void malloc_batch_state(BatchState* b, Config* p) except *:
     b.v = <float*>calloc(MAX_BATCH * kv_dim, sizeof(float))
     b.att = <float*>calloc(<size_t>MAX_BATCH * p.n_heads * p.seq_len, sizeof(float))
     b.logits = <float*>calloc(<size_t>MAX_BATCH * p.vocab_size, sizeof(float))
-    b.xq_q = <int8_t*>calloc(MAX_BATCH * widest, sizeof(int8_t))
-    b.xq_s = <float*>calloc(MAX_BATCH * widest, sizeof(float))
-    b.x16 = <int16_t*>calloc(MAX_BATCH * widest, sizeof(int16_t))
+    cdef size_t stride = q8_token_stride(widest)
+    b.xq_q = <int8_t*>calloc(MAX_BATCH * stride, sizeof(int8_t))
+    b.xq_s = <float*>calloc(MAX_BATCH * stride, sizeof(float))
+    b.xsum = <int32_t*>calloc(MAX_BATCH * stride, sizeof(int32_t))
     if (not b.x or not b.xb or not b.xb2 or not b.hb or not b.hb2 or not b.q or not b.k or not b.v
-            or not b.att or not b.logits or not b.xq_q or not b.xq_s or not b.x16):
+            or not b.att or not b.logits or not b.xq_q or not b.xq_s or not b.xsum):
         free_batch_state(b)
         raise MemoryError("malloc failed for the batch state")
 
@@ -721,43 +692,31 @@ cdef void free_batch_state(BatchState* b) noexcept:
     free(b.logits)
     free(b.xq_q)
     free(b.xq_s)
-    free(b.x16)
+    free(b.xsum)
     memset(b, 0, sizeof(BatchState))
 
 cdef void matmul_batch(float* xout, BatchState* bs, const float* x, const QuantizedTensor* w,
                        int n, int d, int GS, int B, int widest) noexcept nogil:
     # W (d,n) @ x (B,n) -> xout (B,d): each row of x quantized as forward() quantizes it, then
-    # matmul()'s row product for each of the B rows while the weight row is in cache
-    cdef Py_ssize_t i, in_, b, j
+    # matmul()'s kernel for all B rows at once, so that each weight row is read from memory once
+    # for all of them (q8matmul.h: the row product of a (row, token) does not depend on B)
+    cdef Py_ssize_t i, b, block
+    cdef Py_ssize_t stride = q8_token_stride(widest)  # as malloc_batch_state allocated them
     cdef QuantizedTensor xq
     for b in range(B):
-        xq.q = bs.xq_q + b * widest
-        xq.s = bs.xq_s + b * widest
+        xq.q = bs.xq_q + b * stride
+        xq.s = bs.xq_s + b * stride
         quantize(&xq, x + b * n, n, GS)
-        for j in range(n):
-            bs.x16[b * widest + j] = xq.q[j]
-    for i in prange(d, schedule="static"):
-        in_ = i * n
-        for b in range(B):
-            if n % GS:
-                xout[b * d + i] = matmul_row_ragged_at(bs.xq_q + b * widest, bs.xq_s + b * widest,
-                                                       w, in_, n, GS)
-            elif GS == 32:
-                xout[b * d + i] = matmul_row(bs.x16 + b * widest, bs.xq_s + b * widest, w.q + in_,
-                                             w.s + in_ // 32, n, 32)
-            elif GS == 64:
-                xout[b * d + i] = matmul_row(bs.x16 + b * widest, bs.xq_s + b * widest, w.q + in_,
-                                             w.s + in_ // 64, n, 64)
-            else:
-                xout[b * d + i] = matmul_row(bs.x16 + b * widest, bs.xq_s + b * widest, w.q + in_,
-                                             w.s + in_ // GS, n, GS)
-
-cdef float matmul_row_ragged_at(int8_t* xq_q, float* xq_s, const QuantizedTensor* w,
-                                Py_ssize_t in_, int n, int GS) noexcept nogil:
-    cdef QuantizedTensor xq
-    xq.q = xq_q
-    xq.s = xq_s
-    return matmul_row_ragged(&xq, w, in_, n, GS)
+        if n % GS == 0:
+            q8_group_sums(xq.q, bs.xsum + b * stride, n, GS)
+    if n % GS:
+        for i in prange(d, schedule="static"):
+            for b in range(B):
+                xout[b * d + i] = q8_row_ragged(bs.xq_q + b * stride, bs.xq_s + b * stride, w.q, w.s,
+                                                i * n, n, GS)
+        return
+    for block in prange((d + Q8_ROWS - 1) // Q8_ROWS, schedule="static"):
+        q8_matmul_block(xout, d, block, bs.xq_q, bs.xsum, bs.xq_s, B, stride, w.q, w.s, n, GS)
 
 cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* batch, int B) noexcept nogil:
     # forward() for B entries at once (B <= MAX_BATCH): each entry's token at its position, on its

@@ -26,13 +26,18 @@ def compiler_flags():
     return cflags, [f for f in openmp if f == "-fopenmp"]
 
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+# the C headers a .pyx includes (a change rebuilds it)
+DEPENDS = {"run.pyx": ["f32dot.h"], "runq.pyx": ["q8matmul.h"]}
+
+
 def extension(name, source):
     cflags, ldflags = compiler_flags()
     return Extension(name, [source], extra_compile_args=cflags, extra_link_args=ldflags,
-                     libraries=[] if MSVC else ["m"], include_dirs=["."], depends=HEADERS)
+                     libraries=[] if MSVC else ["m"], include_dirs=[REPO],
+                     depends=DEPENDS.get(source, []))
 
 
-HEADERS = ["f32dot.h"]  # the C kernels that the .pyx files include
 debug = os.environ.get("LLAMA_DEBUG") == "1"
 directives = dict(language_level=3, boundscheck=debug, wraparound=debug, cdivision=True,
                   initializedcheck=debug)

@@ -4,8 +4,8 @@ from llama2_cython import LlamaError
 from llama2_cython.api import Model as _Model
 
 from . import _runq
-from ._runq import (Sampler, Tokenizer, Transformer, chat, generate, generate_batch, main,
-                    time_in_ms)
+from ._runq import (INT8_KERNEL, Sampler, Tokenizer, Transformer, chat, generate, generate_batch,
+                    main, time_in_ms)
 
 
 class Model(_Model):
@@ -13,5 +13,5 @@ class Model(_Model):
     engine = _runq
 
 
-__all__ = ["LlamaError", "Model", "Sampler", "Tokenizer", "Transformer", "chat", "generate",
-           "generate_batch", "main", "time_in_ms"]
+__all__ = ["INT8_KERNEL", "LlamaError", "Model", "Sampler", "Tokenizer", "Transformer", "chat",
+           "generate", "generate_batch", "main", "time_in_ms"]

@@ -56,6 +56,11 @@ def batch_vs_alone(prog, model, tokenizer, prompts, steps, temperatures, seeds):
     return [alone, together]
 
 
+def int8_kernel():
+    """Which of q8matmul.h's paths runq's build compiled."""
+    return importlib.import_module("runq").INT8_KERNEL
+
+
 if __name__ == "__main__":
     root, function = sys.argv[1:]
     sys.path.insert(0, root)

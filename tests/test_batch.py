@@ -74,3 +74,34 @@ def test_output_does_not_depend_on_threads(prog, model):
         assert proc.returncode == 0, proc.stderr
         outputs[threads] = proc.stdout
     assert outputs["1"] == outputs["2"] == outputs["3"]
+
+
+# runq's int8 matmuls fix their float arithmetic in q8matmul.h, so that a (row, token) gets the same
+# bits whatever the batch (tests/test_q8matmul.py checks the kernels under both builds' flags). Here
+# forward_batch against forward() bit for bit, for every batch size up to MAX_BATCH and past
+# it. Group sizes: 32 (the SIMD paths, with an odd number of groups in w2's rows), 64 (SIMD for
+# n = dim, w2's rows of 352 cut: ragged) and 48 (w2's rows ragged, the others on the plain path);
+# the vocabulary ends in a short block of rows.
+# On both builds against the engine one token at a time; on the exact build against C's forward()
+# too (under -Ofast forward()'s fp32 steps compile differently from forward_batch's: see check).
+BATCH_SIZES = list(range(1, 18)) + [33]
+Q80_SHAPE = dict(dim=192, hidden_dim=352, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=301, seq_len=40)
+
+
+@pytest.fixture(scope="module")
+def q80_shape_weights():
+    weights = export.random_model(Q80_SHAPE, seed=5, shared=False)
+    return {name: np.asarray(w) for name, w in weights.items()}
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("group_size", [32, 64, 48])
+def test_runq_batch_is_forward_bit_for_bit(tmp_path, q80_shape_weights, group_size, build):
+    path = tmp_path / "model_q80.bin"
+    write_v2(path, Q80_SHAPE, q80_shape_weights, group_size, False)
+    tokens = [int(t) for t in np.random.default_rng(11).integers(Q80_SHAPE["vocab_size"], size=34)]
+    rows = in_build(build, "prefill_vs_forward", prog="runq", model=str(path), tokens=tokens,
+                    sizes=BATCH_SIZES)
+    differ = [n for n, *results in rows
+              if not all(results[0::3]) or (build == "exact" and not all(results[1::3]))]
+    assert differ == []  # the batch sizes whose logits differ

@@ -1,0 +1,81 @@
+/* Checks q8matmul.h's q8_matmul_block, for whichever path the compiler flags select
+ * (tests/test_q8matmul.py builds it with several -march values, and with the fast build's flags):
+ * random matrices of 1 to 40 rows (blocks cut short included), group sizes 32, 64 (the SIMD
+ * paths) and 48 (the plain fallback), 1 to 41 groups a row, 1 to 20 tokens at once.
+ * - Every (row, token) of T tokens at once must equal the same token's row alone (T = 1), bit
+ *   for bit: what forward_batch against forward() needs, whatever the flags.
+ * - Built with IEEE flags and -ffp-contract=off (argument "exact"), every (row, token) must also
+ *   equal the reference bit for bit: runq.c's expression on the plain path, its fused form on the
+ *   SIMD paths (the header's top says why).
+ * Prints the path, the number of values compared, the number that differ from the one-token
+ * result and the number that differ from the reference (0 when not checked). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "q8matmul.h"
+
+static float reference(const int8_t* x, const float* xs, const int8_t* w, const float* ws, int n,
+                       int gs, int fused) {
+    float val = 0.0f;
+    for (int j = 0; j <= n - gs; j += gs) {
+        int32_t ival = 0;
+        for (int k = 0; k < gs; k++)
+            ival += ((int32_t)x[j + k]) * ((int32_t)w[j + k]);
+        if (fused)
+            val = fmaf((float)ival, ws[j / gs] * xs[j / gs], val);
+        else
+            val += ((float)ival) * ws[j / gs] * xs[j / gs];
+    }
+    return val;
+}
+
+#define MAX_N (64 * 41)
+#define MAX_D 40
+#define MAX_T 20
+#define STRIDE (MAX_N + 8)
+
+int main(int argc, char** argv) {
+    static int8_t x[MAX_T * STRIDE], w[MAX_D * MAX_N];
+    static float xs[MAX_T * STRIDE], ws[MAX_D * MAX_N], out[MAX_T * MAX_D], alone[MAX_D];
+    static int32_t xsum[MAX_T * STRIDE];
+    static const int sizes[3] = {32, 64, 48};
+    int exact = argc > 1 && strcmp(argv[1], "exact") == 0;
+    long compared = 0, differ_alone = 0, differ = 0;
+    srand(12345);
+    for (int it = 0; it < 600; it++) {
+        int gs = sizes[it % 3], groups = 1 + (it * 7) % 41, n = groups * gs;
+        int d = 1 + rand() % MAX_D, T = 1 + rand() % MAX_T, extreme = it % 5 == 0;
+        if (it % 4 == 0)
+            T = 1;  /* decode's case, often */
+        for (int i = 0; i < d * n; i++)  /* any int8 (export.py never writes -128, a file may) */
+            w[i] = extreme ? (rand() % 2 ? 127 : -128) : (int8_t)(rand() % 256 - 128);
+        for (int i = 0; i < d * groups; i++)
+            ws[i] = (float)rand() / RAND_MAX - 0.5f;
+        for (int t = 0; t < T; t++) {
+            for (int i = 0; i < n; i++)  /* quantize() gives x in [-127, 127] */
+                x[t * STRIDE + i] = extreme ? (rand() % 2 ? 127 : -127) : (int8_t)(rand() % 255 - 127);
+            for (int g = 0; g < groups; g++)
+                xs[t * STRIDE + g] = (float)rand() / RAND_MAX - 0.5f;
+            q8_group_sums(x + t * STRIDE, xsum + t * STRIDE, n, gs);
+        }
+        for (int b = 0; b * Q8_ROWS < d; b++)
+            q8_matmul_block(out, d, b, x, xsum, xs, T, STRIDE, w, ws, n, gs);
+        int fused = Q8_FUSED && (gs == 32 || gs == 64);
+        for (int t = 0; t < T; t++) {
+            for (int b = 0; b * Q8_ROWS < d; b++)
+                q8_matmul_block(alone, d, b, x + t * STRIDE, xsum + t * STRIDE, xs + t * STRIDE, 1, 0,
+                                w, ws, n, gs);
+            for (int i = 0; i < d; i++) {
+                compared++;
+                if (memcmp(&out[t * d + i], &alone[i], sizeof(float)))
+                    differ_alone++;
+                if (exact && out[t * d + i] != reference(x + t * STRIDE, xs + t * STRIDE, w + i * n,
+                                                         ws + i * groups, n, gs, fused))
+                    differ++;
+            }
+        }
+    }
+    printf("%s %ld %ld %ld\n", Q8_KERNEL, compared, differ_alone, differ);
+    return 0;
+}

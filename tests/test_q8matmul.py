@@ -1,0 +1,75 @@
+"""q8matmul.h, runq's int8 matmul kernels: each path (AVX-512 VNNI, AVX2, plain C) checked by a
+small C program (tests/q8matmul_check.c) compiled for each -march whose path this CPU can run.
+
+The extension is built with one -march, so it runs one path; the check program runs the others.
+With IEEE flags each path must give its reference's numbers bit for bit (runq.c's loop on the plain
+path, the fused float step on the SIMD paths), and with the fast build's flags (-Ofast) as with
+IEEE ones, a row times T tokens at once must give what it gives one token at a time: the property
+forward_batch's equality with forward() rests on."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import runq
+from tests.helpers import in_build
+
+REPO = Path(__file__).resolve().parent.parent
+# the target flags, the path they select, the CPU flags (/proc/cpuinfo) it needs
+V3 = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}
+TARGETS = [(["-march=x86-64"], "plain", set()),
+           (["-march=x86-64-v3"], "avx2", V3),
+           (["-march=x86-64-v4", "-mavx512vnni"], "avx512vnni",
+            V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"})]
+FLAGS = {"exact": ["-O3", "-ffp-contract=off"], "fast": ["-Ofast", "-fopenmp"]}
+
+
+def cpu_flags():
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def check(tmp_path, march, flags):
+    """Build and run the check program: (path, values compared, differing from one token at a
+    time, differing from the reference)."""
+    if shutil.which("gcc") is None or sys.platform != "linux":
+        pytest.skip("the check program is built with gcc on Linux")
+    exe = tmp_path / "q8matmul_check"
+    subprocess.run(["gcc", *FLAGS[flags], *march, "-I", str(REPO),
+                    str(REPO / "tests" / "q8matmul_check.c"), "-o", str(exe), "-lm"], check=True)
+    path, compared, differ_alone, differ = subprocess.run(
+        [str(exe), flags], capture_output=True, text=True, check=True).stdout.split()
+    return path, int(compared), int(differ_alone), int(differ)
+
+
+@pytest.mark.parametrize("flags", sorted(FLAGS))
+@pytest.mark.parametrize("march, kernel, needs", TARGETS, ids=[t[1] for t in TARGETS])
+def test_path(march, kernel, needs, flags, tmp_path):
+    cpu = cpu_flags()
+    if cpu is None or not needs <= cpu:
+        pytest.skip(f"this CPU cannot run the {kernel} path")
+    path, compared, differ_alone, differ = check(tmp_path, march, flags)
+    assert path == kernel
+    assert compared > 100_000
+    assert differ_alone == 0  # T tokens at once == one at a time, bit for bit
+    assert differ == 0  # == the reference, bit for bit (checked with the exact flags only)
+
+
+def test_builds_say_which_path():
+    # the fast build (-march=native) takes the path the check program takes on this CPU with
+    # -march=native; the exact build (no -march) takes the plain loop, runq.c's arithmetic
+    if shutil.which("gcc") is None or sys.platform != "linux":
+        pytest.skip("the check program is built with gcc on Linux")
+    native = subprocess.run(["gcc", "-march=native", "-E", "-P", "-x", "c", "-I", str(REPO), "-"],
+                            input='#include "q8matmul.h"\nkernel=Q8_KERNEL\n', capture_output=True,
+                            text=True, check=True).stdout
+    assert f'kernel="{runq.INT8_KERNEL}"' in native.replace(" ", "")
+    assert in_build("exact", "int8_kernel") == "plain"
