@@ -700,8 +700,20 @@ cdef void matmul_batch(float* xout, BatchState* bs, const float* x, const Quanti
     # W (d,n) @ x (B,n) -> xout (B,d): each row of x quantized as forward() quantizes it, then
     # matmul()'s kernel for all B rows at once, so that each weight row is read from memory once
     # for all of them (q8matmul.h: the row product of a (row, token) does not depend on B)
+    matmul_batch3(bs, x, n, GS, B, widest, xout, w, d, NULL, NULL, 0, NULL, NULL, 0)
+
+cdef void matmul_batch3(BatchState* bs, const float* x, int n, int GS, int B, int widest,
+                        float* out1, const QuantizedTensor* w1, int d1,
+                        float* out2, const QuantizedTensor* w2, int d2,
+                        float* out3, const QuantizedTensor* w3, int d3) noexcept nogil:
+    # matmul_batch for up to three matrices that multiply the same x (q, k and v; w1 and w3): x is
+    # quantized once, and the three share one parallel region (each region ends with the threads
+    # waiting for each other, which costs a lot when another program holds one of the cores)
     cdef Py_ssize_t i, b, block
     cdef Py_ssize_t stride = q8_token_stride(widest)  # as malloc_batch_state allocated them
+    cdef Py_ssize_t blocks1 = (d1 + Q8_ROWS - 1) // Q8_ROWS
+    cdef Py_ssize_t blocks2 = (d2 + Q8_ROWS - 1) // Q8_ROWS
+    cdef Py_ssize_t blocks3 = (d3 + Q8_ROWS - 1) // Q8_ROWS
     cdef QuantizedTensor xq
     for b in range(B):
         xq.q = bs.xq_q + b * stride
@@ -710,13 +722,27 @@ cdef void matmul_batch(float* xout, BatchState* bs, const float* x, const Quanti
         if n % GS == 0:
             q8_group_sums(xq.q, bs.xsum + b * stride, n, GS)
     if n % GS:
-        for i in prange(d, schedule="static"):
+        for i in prange(d1 + d2 + d3, schedule="static"):
             for b in range(B):
-                xout[b * d + i] = q8_row_ragged(bs.xq_q + b * stride, bs.xq_s + b * stride, w.q, w.s,
-                                                i * n, n, GS)
+                if i < d1:
+                    out1[b * d1 + i] = q8_row_ragged(bs.xq_q + b * stride, bs.xq_s + b * stride,
+                                                     w1.q, w1.s, i * n, n, GS)
+                elif i < d1 + d2:
+                    out2[b * d2 + i - d1] = q8_row_ragged(bs.xq_q + b * stride, bs.xq_s + b * stride,
+                                                          w2.q, w2.s, (i - d1) * n, n, GS)
+                else:
+                    out3[b * d3 + i - d1 - d2] = q8_row_ragged(bs.xq_q + b * stride, bs.xq_s + b * stride,
+                                                               w3.q, w3.s, (i - d1 - d2) * n, n, GS)
         return
-    for block in prange((d + Q8_ROWS - 1) // Q8_ROWS, schedule="static"):
-        q8_matmul_block(xout, d, block, bs.xq_q, bs.xsum, bs.xq_s, B, stride, w.q, w.s, n, GS)
+    for block in prange(blocks1 + blocks2 + blocks3, schedule="static"):
+        if block < blocks1:
+            q8_matmul_block(out1, d1, block, bs.xq_q, bs.xsum, bs.xq_s, B, stride, w1.q, w1.s, n, GS)
+        elif block < blocks1 + blocks2:
+            q8_matmul_block(out2, d2, block - blocks1, bs.xq_q, bs.xsum, bs.xq_s, B, stride, w2.q,
+                            w2.s, n, GS)
+        else:
+            q8_matmul_block(out3, d3, block - blocks1 - blocks2, bs.xq_q, bs.xsum, bs.xq_s, B,
+                            stride, w3.q, w3.s, n, GS)
 
 cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* batch, int B) noexcept nogil:
     # forward() for B entries at once (B <= MAX_BATCH): each entry's token at its position, on its
@@ -757,9 +783,8 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_att_weight + l * dim, dim)
 
         # qkv matmuls for these positions
-        matmul_batch(bs.q, bs, bs.xb, w.wq + l, dim, dim, GS, B, widest)
-        matmul_batch(bs.k, bs, bs.xb, w.wk + l, dim, kv_dim, GS, B, widest)
-        matmul_batch(bs.v, bs, bs.xb, w.wv + l, dim, kv_dim, GS, B, widest)
+        matmul_batch3(bs, bs.xb, dim, GS, B, widest, bs.q, w.wq + l, dim, bs.k, w.wk + l, kv_dim,
+                      bs.v, w.wv + l, kv_dim)
 
         # RoPE as in forward(), each token at its position; then key and value into its KV cache
         loff = l * p.seq_len * kv_dim  # kv cache layer offset for convenience
@@ -818,8 +843,8 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_ffn_weight + l * dim, dim)
 
         # w1(x) and w3(x), SwiGLU, w2
-        matmul_batch(bs.hb, bs, bs.xb, w.w1 + l, dim, hidden_dim, GS, B, widest)
-        matmul_batch(bs.hb2, bs, bs.xb, w.w3 + l, dim, hidden_dim, GS, B, widest)
+        matmul_batch3(bs, bs.xb, dim, GS, B, widest, bs.hb, w.w1 + l, hidden_dim, bs.hb2, w.w3 + l,
+                      hidden_dim, NULL, NULL, 0)
         for b in range(B):
             swiglu(bs.hb + b * hidden_dim, bs.hb2 + b * hidden_dim, hidden_dim)
         matmul_batch(bs.xb, bs, bs.hb, w.w2 + l, hidden_dim, dim, GS, B, widest)
