@@ -112,7 +112,7 @@ cdef struct RunState:
 
 
 # forward_batch's buffers (not in runq.c: see forward_batch)
-DEF MAX_BATCH = 16  # tokens that go through a layer together
+DEF MAX_BATCH = 32  # tokens that go through a layer together
 
 cdef struct BatchEntry:
     RunState* s  # the sequence's run state: its KV cache
