@@ -29,7 +29,7 @@ cdef extern from *:
     double team_clock() noexcept nogil
 
 DEF FIRST_TRIAL = 2  # the first trial comes after the first steps (thread start-up, page faults)
-DEF FIRST_TRIAL_GAP = 16  # decode steps between trials of the other choice, at first
+DEF FIRST_TRIAL_GAP = 64  # decode steps between trials of the other choice, at first
 DEF MAX_TRIAL_GAP = 256
 
 cdef struct Team:
