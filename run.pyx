@@ -29,7 +29,6 @@ cdef extern from "f32dot.h" nogil:
     # forward_batch's matrix products (the header says how each sum is ordered, and why)
     void f32_matmul_rows(float* out, const float* x, const float* w, int n, int d, int B, int i0,
                          int i1)
-    const int F32_FIXED_ORDER
 
 
 include "team.pxi"  # how many threads decode with
