@@ -8,8 +8,8 @@ def generate_batch(Transformer transformer, Tokenizer tokenizer, list samplers, 
     forward_batch moves every live sequence on by one token, so that a weight row read from memory
     serves all of them. Yields (index, piece bytes) where generate() would yield the piece; each
     sequence runs generate()'s loop, so its pieces are generate()'s for the same prompt, sampler
-    and steps (bit for bit on the IEEE build: see forward_batch). A sequence whose index the
-    caller puts in stopped is dropped at the next pass."""
+    and steps, on every build (forward_batch gives a token the same bits however it is batched).
+    A sequence whose index the caller puts in stopped is dropped at the next pass."""
     cdef int n = len(prompts), i, b, B, next
     steps = list(steps)  # this generation's own: a sequence's ends when it meets BOS
     cdef list states = [transformer.with_new_state() for _ in range(n)]  # a KV cache each

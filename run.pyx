@@ -201,7 +201,8 @@ cdef class Transformer:
 
     def forward_prompt(self, tokens, int pos=0):
         """The logits after feeding tokens at positions pos, pos + 1, ... (a copy): what as many
-        forward() calls give, bit for bit, with the tokens going through each layer together."""
+        forward() calls give, bit for bit, with the tokens going through each layer together
+        (reference=True's, C's forward(), bit for bit on the IEEE build only)."""
         import numpy as np
         cdef int[::1] ids = np.array(tokens, dtype=np.intc).reshape(-1)
         cdef Py_ssize_t n = ids.shape[0]
@@ -519,12 +520,13 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
 # run.c feeds a prompt one token at a time, so every weight is read from memory once per token.
 # forward_batch takes several tokens through each layer together (a prompt's tokens, or one token
 # of each of several sequences), so that a weight row read from memory serves all of them while it
-# is in cache: prompts go through at the compute speed instead of the memory speed. Each dot
-# product is matmul()'s loop, summed in the same order, and every other step is forward()'s code
-# applied to one token: built with IEEE flags (make run), the logits and KV caches are forward()'s,
-# bit for bit. Under -Ofast they agree to rounding only: fast-math lets gcc compile the same
-# expression differently by its context (rmsnorm's division becomes a hoisted reciprocal in one
-# place and not in another), and no source can pin that down.
+# is in cache: prompts go through at the compute speed instead of the memory speed. Decode runs
+# through it too (forward_next, batch.pxi), so a token gets the same bits however it is batched.
+# Every step other than the products is forward()'s code applied to one token; the products are
+# f32dot.h's. Built with IEEE flags (make run) each is matmul()'s loop in its order, and the logits
+# and KV caches are forward()'s bit for bit. Under -Ofast f32dot.h sums in a fixed order of its own
+# and gcc compiles forward()'s other steps differently in the two functions (a division becomes a
+# hoisted reciprocal in one and not the other), so the two agree to rounding only.
 
 cdef void malloc_batch_state(BatchState* b, Config* p) except *:
     cdef size_t kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
@@ -1370,7 +1372,8 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
 include "generate_batch.pxi"
 
 cdef float[::1] forward_logits(transformer, int token, int pos):
-    # the fp32 Transformer decodes through forward_batch (forward_next: batch.pxi says why); other engines (run_cuda) bring their own
+    # the fp32 Transformer decodes through forward_batch (forward_next: batch.pxi says why); other
+    # engines (run_cuda) bring their own
     if isinstance(transformer, Transformer):
         return <float[:(<Transformer>transformer).c_config.vocab_size]>forward_next(transformer, token, pos)
     return transformer.forward(token, pos)

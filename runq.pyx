@@ -240,7 +240,8 @@ cdef class Transformer:
 
     def forward_prompt(self, tokens, int pos=0):
         """The logits after feeding tokens at positions pos, pos + 1, ... (a copy): what as many
-        forward() calls give, bit for bit, with the tokens going through each layer together."""
+        forward() calls give, bit for bit, with the tokens going through each layer together
+        (reference=True's, C's forward(), bit for bit on the IEEE build only)."""
         import numpy as np
         cdef int[::1] ids = np.array(tokens, dtype=np.intc).reshape(-1)
         cdef Py_ssize_t n = ids.shape[0]
@@ -652,10 +653,11 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
 # runq.c feeds a prompt one token at a time, so every weight is read from memory once per token.
 # forward_batch takes several tokens through each layer together (a prompt's tokens, or one token
 # of each of several sequences), so that a weight row read from memory serves all of them while it
-# is in cache. Each dot product is matmul()'s (the same integer sums, the groups' floats added in
-# the same order), and every other step is forward()'s code applied to one token: built with IEEE
-# flags (make run), the logits and KV caches are forward()'s, bit for bit; under -Ofast they agree
-# to rounding (see run.pyx's forward_batch).
+# is in cache. Decode runs through it too (forward_next, batch.pxi). Each dot product is
+# q8matmul.h's (the same integer sums, the groups' floats added in the same order), and every other
+# step is forward()'s code applied to one token: built with IEEE flags (make run), the logits and
+# KV caches are forward()'s, bit for bit; under -Ofast they agree to rounding (see run.pyx's
+# forward_batch), and a token gets the same bits however it is batched.
 
 cdef void malloc_batch_state(BatchState* b, Config* p) except *:
     cdef size_t kv_dim = (p.dim * p.n_kv_heads) // p.n_heads

@@ -77,9 +77,9 @@ class Model:
     def generate_batch(self, prompts, steps=256, temperature=1.0, topp=0.9, seed=None, stop=None):
         """generate() for several prompts together: yields (index, text) pieces as they come.
         Each of steps, temperature, topp, seed and stop is one value for all or a list with one
-        per prompt (for stop: None, a string, or a list of strings each). Every pass over the weights moves all live sequences on by one token, so many
-        sequences cost little more than one; each one's text is what generate() gives it alone
-        (bit for bit on the IEEE build; under -Ofast, to float rounding)."""
+        per prompt (for stop: None, a string, or a list of strings each). Every pass over the
+        weights moves all live sequences on by one token, so many sequences cost little more than
+        one; each one's text is what generate() gives it alone, byte for byte."""
         prompts = list(prompts)
         n = len(prompts)
 
