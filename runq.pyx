@@ -1536,7 +1536,8 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
 include "generate_batch.pxi"
 
 cdef float[::1] forward_logits(transformer, int token, int pos):
-    # the Q8_0 Transformer decodes through forward_batch (forward_next: batch.pxi says why); anything with a forward(token, pos) works too
+    # the Q8_0 Transformer decodes through forward_batch (forward_next: batch.pxi says why);
+    # anything with a forward(token, pos) works too
     if isinstance(transformer, Transformer):
         return <float[:(<Transformer>transformer).c_config.vocab_size]>forward_next(transformer, token, pos)
     return transformer.forward(token, pos)
