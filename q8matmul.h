@@ -390,6 +390,79 @@ Q8_INLINE void q8_block_simd(float* out, int d, int row0, int rows, const int8_t
     }
 }
 
+/* The packed layout (runq.pyx packs each matrix once, at load): what q8_block16_many makes of
+ * every 16 rows and 64 columns for each batch, made once for all tokens and batches. A block of 16
+ * rows is ceil(n / 64) chunks of 1024 bytes; in chunk c, 64-byte vector k holds, for rows r = 0
+ * .. 15 in turn, the 4 bytes 64c + 4k .. 64c + 4k + 3 of row r, as w + 128 (rows past d and
+ * columns past n are 0, stored as 128). Its scales follow the rows the same way: 16 floats per
+ * group, lane r = row r's (0 past d). One token then needs per 64 bytes of weights one vpdpbusd
+ * and one broadcast of x, instead of q8_block16_one's loads, byte flips and tree of 30 shuffles,
+ * and each thread reads one contiguous stream, which the hardware prefetcher follows. The sums
+ * are the same integers, and the float step the same, so every result is q8_block_simd's bits */
+#define Q8_PACKED 1
+
+static int64_t q8_packed_bytes(int d, int n) {
+    return (int64_t)((d + 15) / 16) * ((n + 63) / 64) * 1024;
+}
+
+static int64_t q8_packed_scales(int d, int n, int gs) {
+    return (int64_t)((d + 15) / 16) * (n / gs) * 16;
+}
+
+/* rows block * 16 .. of W (d, n) (values wq, scales ws) into the packed layout at pq and ps */
+static void q8_pack_block(int8_t* pq, float* ps, int64_t block, const int8_t* wq, const float* ws,
+                          int d, int n, int gs) {
+    int chunks = (n + 63) / 64, groups = n / gs;
+    int8_t* bq = pq + block * chunks * 1024;
+    float* bs = ps + block * groups * 16;
+    for (int r = 0; r < 16; r++) {
+        int64_t i = block * 16 + r;
+        for (int j = 0; j < chunks * 64; j += 4) {  /* n is a multiple of gs: 4 bytes or none */
+            uint32_t v = 0;
+            if (i < d && j < n)
+                memcpy(&v, wq + i * n + j, 4);
+            v ^= 0x80808080u;
+            memcpy(bq + (j / 64) * 1024 + ((j % 64) / 4) * 64 + r * 4, &v, 4);
+        }
+        for (int g = 0; g < groups; g++)
+            bs[g * 16 + r] = i < d ? ws[i * groups + g] : 0.0f;
+    }
+}
+
+/* q8_block_simd on a packed block: T tokens, 16 at a time, each chunk's vectors used as they lie */
+Q8_INLINE void q8_block_packed(float* out, int d, int row0, int rows, const int8_t* xq,
+                               const int32_t* xsum, const float* xs, int T, int64_t xstride,
+                               const int8_t* bq, const float* bs, int n, int gs) {
+    int groups = n / gs;
+    __mmask16 lanes = (__mmask16)((1u << rows) - 1);
+    for (int t0 = 0; t0 < T; t0 += 16) {
+        int nt = T - t0 < 16 ? T - t0 : 16;
+        const int8_t* x = xq + t0 * xstride;
+        const int32_t* xsm = xsum + t0 * xstride;
+        const float* xsc = xs + t0 * xstride;
+        __m512 val[16];
+        for (int t = 0; t < nt; t++)
+            val[t] = _mm512_setzero_ps();
+        for (int g = 0; g < groups; g += 64 / gs) {
+            int j = g * gs;
+            const __m512i* wt = (const __m512i*)(bq + (j / 64) * 1024);
+            const __m512* ws = (const __m512*)(bs + g * 16);
+            for (int r = 0; r < 16; r++)  /* two chunks ahead: the stream is ready when it is read */
+                _mm_prefetch((const char*)wt + 2048 + 64 * r, _MM_HINT_T0);
+            int t = 0;
+            for (; t + 4 <= nt; t += 4)
+                q8_tokens_block(val, wt, ws, j, g, groups, x, xsm, xsc, xstride, t, 4, gs);
+            switch (nt - t) {
+            case 3: q8_tokens_block(val, wt, ws, j, g, groups, x, xsm, xsc, xstride, t, 3, gs); break;
+            case 2: q8_tokens_block(val, wt, ws, j, g, groups, x, xsm, xsc, xstride, t, 2, gs); break;
+            case 1: q8_tokens_block(val, wt, ws, j, g, groups, x, xsm, xsc, xstride, t, 1, gs); break;
+            }
+        }
+        for (int t = 0; t < nt; t++)
+            _mm512_mask_storeu_ps(out + (int64_t)(t0 + t) * d + row0, lanes, val[t]);
+    }
+}
+
 #elif Q8_SIMD == 256
 /* ---------------------------------------------------------------------------------------------
  * AVX2 */
@@ -481,5 +554,38 @@ static void q8_matmul_block(float* out, int d, int64_t block, const int8_t* xq, 
 #endif
     q8_block_plain(out, d, row0, rows, xq, xs, T, xstride, wq, ws, n, gs);
 }
+
+
+/* the packed layout's entry point: q8_matmul_block for a matrix that q8_pack_block packed (pq
+ * and ps: the whole matrix's), gs 32 or 64, n % gs == 0. Only where Q8_PACKED is 1 (AVX-512
+ * VNNI); elsewhere runq.pyx packs nothing and calls q8_matmul_block */
+#if Q8_SIMD == 512
+static void q8_matmul_block_packed(float* out, int d, int64_t block, const int8_t* xq,
+                                   const int32_t* xsum, const float* xs, int T, int64_t xstride,
+                                   const int8_t* pq, const float* ps, int n, int gs) {
+    int row0 = (int)(block * 16), rows = d - row0 < 16 ? d - row0 : 16;
+    if (T <= 0 || rows <= 0)
+        return;
+    const int8_t* bq = pq + block * ((n + 63) / 64) * 1024;
+    const float* bs = ps + block * (n / gs) * 16;
+    if (gs == 64)
+        q8_block_packed(out, d, row0, rows, xq, xsum, xs, T, xstride, bq, bs, n, 64);
+    else
+        q8_block_packed(out, d, row0, rows, xq, xsum, xs, T, xstride, bq, bs, n, 32);
+}
+#else
+#define Q8_PACKED 0
+static int64_t q8_packed_bytes(int d, int n) { (void)d; (void)n; return 0; }
+static int64_t q8_packed_scales(int d, int n, int gs) { (void)d; (void)n; (void)gs; return 0; }
+static void q8_pack_block(int8_t* pq, float* ps, int64_t block, const int8_t* wq, const float* ws,
+                          int d, int n, int gs) {
+    (void)pq; (void)ps; (void)block; (void)wq; (void)ws; (void)d; (void)n; (void)gs;
+}
+static void q8_matmul_block_packed(float* out, int d, int64_t block, const int8_t* xq,
+                                   const int32_t* xsum, const float* xs, int T, int64_t xstride,
+                                   const int8_t* pq, const float* ps, int n, int gs) {
+    q8_matmul_block(out, d, block, xq, xsum, xs, T, xstride, pq, ps, n, gs);
+}
+#endif
 
 #endif

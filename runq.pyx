@@ -27,8 +27,17 @@ cdef extern from "q8matmul.h" nogil:
     float q8_row_ragged(const int8_t* xq, const float* xs, const int8_t* wq, const float* ws,
                         int64_t in_, int n, int gs)
     int64_t q8_token_stride(int64_t widest)
+    bint Q8_PACKED
+    int64_t q8_packed_bytes(int d, int n)
+    int64_t q8_packed_scales(int d, int n, int gs)
+    void q8_pack_block(int8_t* pq, float* ps, int64_t block, const int8_t* wq, const float* ws,
+                       int d, int n, int gs)
+    void q8_matmul_block_packed(float* out, int d, int64_t block, const int8_t* xq,
+                                const int32_t* xsum, const float* xs, int T, int64_t xstride,
+                                const int8_t* pq, const float* ps, int n, int gs)
 
 import array
+import mmap
 import os
 import sys
 import threading
@@ -159,6 +168,12 @@ cdef class Transformer:
     # or two generations from running on one run state at once (exclusive_state)
     cdef Transformer weights_owner
     cdef readonly object state_lock
+    # forward_batch's weights: c_weights, or where q8matmul.h has a packed layout (pack_weights),
+    # the same with the matrices packed into packed_buffer (owned by the weights' owner)
+    cdef TransformerWeights c_packed
+    cdef readonly bint packed
+    cdef void* packed_buffer
+    cdef QuantizedTensor* packed_tensors
 
     def __init__(self, checkpoint_path):
         build_transformer(self, checkpoint_path)
@@ -170,6 +185,8 @@ cdef class Transformer:
         t.weights_owner = self.weights_owner or self
         t.c_config = self.c_config
         t.c_weights = self.c_weights
+        t.c_packed = self.c_packed
+        t.packed = self.packed
         t._mmap = self._mmap
         t._data = self._data
         t.version = self.version
@@ -407,6 +424,71 @@ cdef QuantizedTensor* tensor_of(TransformerWeights* w, name) except NULL:
                     "wcls"].index(name)]
 
 
+# forward_batch's copy of the matrices (not in runq.c). On AVX-512 VNNI, q8matmul.h multiplies
+# 16 rows at a time in a packed layout (its q8_pack_block says which) with a fraction of the
+# instructions the file's layout needs: one token's decode would otherwise be bound by the
+# instructions, not by the memory. The matrices are packed once, here, and the mapped pages of
+# the file are given back (the kernel keeps them in its page cache): forward_batch reads only
+# the copy, forward() and the `weights` views read the file as before. Every result is the same:
+# the packed kernel adds the same integers and takes the same float steps.
+
+cdef void pack_tensors(QuantizedTensor* dst, const QuantizedTensor* src, int count, int d, int n,
+                       int GS, char** ptr) noexcept nogil:
+    # `count` matrices (d, n) of src into the packed layout at *ptr (64-byte aligned), dst
+    # pointing at them; advances *ptr past them (the sizes are multiples of 64 bytes)
+    cdef Py_ssize_t bytes_q = q8_packed_bytes(d, n)
+    cdef Py_ssize_t bytes_s = q8_packed_scales(d, n, GS) * sizeof(float)
+    cdef Py_ssize_t blocks = (d + 15) // 16
+    cdef Py_ssize_t m, job
+    for m in range(count):
+        dst[m].q = <int8_t*>ptr[0]
+        dst[m].s = <float*>(ptr[0] + bytes_q)
+        ptr[0] += bytes_q + bytes_s
+    for job in prange(count * blocks, schedule="static"):
+        q8_pack_block(dst[job // blocks].q, dst[job // blocks].s, job % blocks,
+                      src[job // blocks].q, src[job // blocks].s, d, n, GS)
+
+cdef pack_weights(Transformer t):
+    # c_packed: c_weights with the matrices packed, where q8matmul.h has the layout (Q8_PACKED),
+    # the group size is 32 or 64 and every row is made of whole groups; else c_weights itself
+    cdef Config* p = &t.c_config
+    cdef TransformerWeights* w = &t.c_weights
+    cdef int GS = t.group_size
+    cdef int L = p.n_layers, dim = p.dim, hidden_dim = p.hidden_dim
+    cdef int kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
+    t.c_packed = t.c_weights
+    t.packed = False
+    if not Q8_PACKED or GS not in (32, 64) or dim % GS or hidden_dim % GS:
+        return
+    # (name, tensors, rows, columns) of the matrices forward_batch multiplies with
+    shapes = [(L, dim, dim), (L, kv_dim, dim), (L, kv_dim, dim), (L, dim, dim),
+              (L, hidden_dim, dim), (L, dim, hidden_dim), (L, hidden_dim, dim), (1, p.vocab_size, dim)]
+    cdef Py_ssize_t total = sum(count * (q8_packed_bytes(d, n) + q8_packed_scales(d, n, GS) * 4)
+                                for count, d, n in shapes)
+    t.packed_buffer = malloc(total + 63)
+    t.packed_tensors = <QuantizedTensor*>malloc((7 * L + 1) * sizeof(QuantizedTensor))
+    if not t.packed_buffer or not t.packed_tensors:
+        raise LlamaError(f"{t.checkpoint_path}: out of memory: malloc failed for the packed "
+                         f"matrices ({total} bytes)")
+    cdef char* ptr = <char*>(((<size_t>t.packed_buffer) + 63) & ~(<size_t>63))
+    cdef QuantizedTensor* dst = t.packed_tensors
+    cdef QuantizedTensor* sources[8]
+    sources[:] = [w.wq, w.wk, w.wv, w.wo, w.w1, w.w2, w.w3, w.wcls]
+    cdef QuantizedTensor* packed[8]
+    cdef int k
+    cdef int count, d, n
+    for k in range(8):
+        count, d, n = shapes[k]
+        packed[k] = dst
+        with nogil:
+            pack_tensors(dst, sources[k], count, d, n, GS, &ptr)
+        dst += count
+    t.c_packed.wq, t.c_packed.wk, t.c_packed.wv, t.c_packed.wo = packed[0], packed[1], packed[2], packed[3]
+    t.c_packed.w1, t.c_packed.w2, t.c_packed.w3, t.c_packed.wcls = packed[4], packed[5], packed[6], packed[7]
+    t.packed = True
+    if hasattr(mmap, "MADV_DONTNEED"):
+        t._mmap.madvise(mmap.MADV_DONTNEED)
+
 cdef read_checkpoint(Transformer t, checkpoint):
     # runq.c freads the header and mmaps the file, trusting every number in it; here map_model
     # checks the magic number, the version, the group size and every size against the file first
@@ -427,6 +509,7 @@ cdef build_transformer(Transformer t, checkpoint_path):
     # read in the Config and the Weights from the checkpoint
     read_checkpoint(t, checkpoint_path)
     t.checkpoint_path = os.fsdecode(checkpoint_path)
+    pack_weights(t)
     # allocate the RunState buffers
     malloc_states(t)
 
@@ -458,6 +541,10 @@ cdef void free_transformer(Transformer t) noexcept:
     if w.wcls != w.q_tokens:
         free(w.wcls)
     memset(w, 0, sizeof(TransformerWeights))
+    free(t.packed_tensors)
+    free(t.packed_buffer)
+    t.packed_tensors = NULL
+    t.packed_buffer = NULL
     # the memory map closes when the last view of it goes
     # free the RunState buffers
     free_run_state(&t.state)
@@ -698,14 +785,14 @@ cdef void free_batch_state(BatchState* b) noexcept:
     memset(b, 0, sizeof(BatchState))
 
 cdef void matmul_batch(float* xout, BatchState* bs, const float* x, const QuantizedTensor* w,
-                       int n, int d, int GS, int B, int widest) noexcept nogil:
+                       int n, int d, int GS, int B, int widest, bint packed) noexcept nogil:
     # W (d,n) @ x (B,n) -> xout (B,d): each row of x quantized as forward() quantizes it, then
     # matmul()'s kernel for all B rows at once, so that each weight row is read from memory once
     # for all of them (q8matmul.h: the row product of a (row, token) does not depend on B)
-    matmul_batch3(bs, x, n, GS, B, widest, xout, w, d, NULL, NULL, 0, NULL, NULL, 0)
+    matmul_batch3(bs, x, n, GS, B, widest, packed, xout, w, d, NULL, NULL, 0, NULL, NULL, 0)
 
 cdef void matmul_batch3(BatchState* bs, const float* x, int n, int GS, int B, int widest,
-                        float* out1, const QuantizedTensor* w1, int d1,
+                        bint packed, float* out1, const QuantizedTensor* w1, int d1,
                         float* out2, const QuantizedTensor* w2, int d2,
                         float* out3, const QuantizedTensor* w3, int d3) noexcept nogil:
     # matmul_batch for up to three matrices that multiply the same x (q, k and v; w1 and w3): x is
@@ -736,6 +823,18 @@ cdef void matmul_batch3(BatchState* bs, const float* x, int n, int GS, int B, in
                     out3[b * d3 + i - d1 - d2] = q8_row_ragged(bs.xq_q + b * stride, bs.xq_s + b * stride,
                                                                w3.q, w3.s, (i - d1 - d2) * n, n, GS)
         return
+    if packed:  # the same blocks of rows, from pack_weights' copy
+        for block in prange(blocks1 + blocks2 + blocks3, schedule="static"):
+            if block < blocks1:
+                q8_matmul_block_packed(out1, d1, block, bs.xq_q, bs.xsum, bs.xq_s, B, stride, w1.q,
+                                       w1.s, n, GS)
+            elif block < blocks1 + blocks2:
+                q8_matmul_block_packed(out2, d2, block - blocks1, bs.xq_q, bs.xsum, bs.xq_s, B,
+                                       stride, w2.q, w2.s, n, GS)
+            else:
+                q8_matmul_block_packed(out3, d3, block - blocks1 - blocks2, bs.xq_q, bs.xsum,
+                                       bs.xq_s, B, stride, w3.q, w3.s, n, GS)
+        return
     for block in prange(blocks1 + blocks2 + blocks3, schedule="static"):
         if block < blocks1:
             q8_matmul_block(out1, d1, block, bs.xq_q, bs.xsum, bs.xq_s, B, stride, w1.q, w1.s, n, GS)
@@ -752,7 +851,8 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     # values a token attends to are in its cache by the time attention runs (causal). The logits
     # of the entries that want them are left in bs.logits, one row each, in entry order.
     cdef Config* p = &transformer.c_config
-    cdef TransformerWeights* w = &transformer.c_weights
+    cdef TransformerWeights* w = &transformer.c_packed  # c_weights, packed where it can be
+    cdef bint packed = transformer.packed
     cdef int dim = p.dim
     cdef int kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
     cdef int kv_mul = p.n_heads // p.n_kv_heads
@@ -785,7 +885,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_att_weight + l * dim, dim)
 
         # qkv matmuls for these positions
-        matmul_batch3(bs, bs.xb, dim, GS, B, widest, bs.q, w.wq + l, dim, bs.k, w.wk + l, kv_dim,
+        matmul_batch3(bs, bs.xb, dim, GS, B, widest, packed, bs.q, w.wq + l, dim, bs.k, w.wk + l, kv_dim,
                       bs.v, w.wv + l, kv_dim)
 
         # RoPE as in forward(), each token at its position; then key and value into its KV cache
@@ -834,7 +934,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
                     xb[i] = xb[i] + a * v_ptr[i]
 
         # final matmul to get the output of the attention, and the residual connection
-        matmul_batch(bs.xb2, bs, bs.xb, w.wo + l, dim, dim, GS, B, widest)
+        matmul_batch(bs.xb2, bs, bs.xb, w.wo + l, dim, dim, GS, B, widest, packed)
         for b in range(B):
             x = bs.x + b * dim
             for i in range(dim):
@@ -845,11 +945,11 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_ffn_weight + l * dim, dim)
 
         # w1(x) and w3(x), SwiGLU, w2
-        matmul_batch3(bs, bs.xb, dim, GS, B, widest, bs.hb, w.w1 + l, hidden_dim, bs.hb2, w.w3 + l,
+        matmul_batch3(bs, bs.xb, dim, GS, B, widest, packed, bs.hb, w.w1 + l, hidden_dim, bs.hb2, w.w3 + l,
                       hidden_dim, NULL, NULL, 0)
         for b in range(B):
             swiglu(bs.hb + b * hidden_dim, bs.hb2 + b * hidden_dim, hidden_dim)
-        matmul_batch(bs.xb, bs, bs.hb, w.w2 + l, hidden_dim, dim, GS, B, widest)
+        matmul_batch(bs.xb, bs, bs.hb, w.w2 + l, hidden_dim, dim, GS, B, widest, packed)
 
         # residual connection
         for b in range(B):
@@ -865,7 +965,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             rmsnorm(x, x, w.rms_final_weight, dim)  # in place, as in forward()
             memcpy(bs.xb + n_out * dim, x, dim * sizeof(float))
             n_out += 1
-    matmul_batch(bs.logits, bs, bs.xb, w.wcls, dim, p.vocab_size, GS, n_out, widest)
+    matmul_batch(bs.logits, bs, bs.xb, w.wcls, dim, p.vocab_size, GS, n_out, widest, packed)
 
 cdef void swiglu(float* hb, const float* hb2, int hidden_dim) noexcept nogil:
     # forward()'s SwiGLU loop for one token of a batch

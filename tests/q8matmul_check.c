@@ -7,8 +7,12 @@
  * - Built with IEEE flags and -ffp-contract=off (argument "exact"), every (row, token) must also
  *   equal the reference bit for bit: runq.c's expression on the plain path, its fused form on the
  *   SIMD paths (the header's top says why).
+ * - Where the header has a packed layout (Q8_PACKED: AVX-512 VNNI) and the group size is 32 or
+ *   64, the matrix is packed (q8_pack_block) and q8_matmul_block_packed must give what
+ *   q8_matmul_block gives, bit for bit, for the same T tokens.
  * Prints the path, the number of values compared, the number that differ from the one-token
- * result and the number that differ from the reference (0 when not checked). */
+ * result, the number that differ from the reference (0 when not checked), the number of values
+ * compared from the packed layout and the number of those that differ. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,6 +43,9 @@ int main(int argc, char** argv) {
     static int8_t x[MAX_T * STRIDE], w[MAX_D * MAX_N];
     static float xs[MAX_T * STRIDE], ws[MAX_D * MAX_N], out[MAX_T * MAX_D], alone[MAX_D];
     static int32_t xsum[MAX_T * STRIDE];
+    static int8_t pq[((MAX_D + 15) / 16) * MAX_N * 16 + 64] __attribute__((aligned(64)));
+    static float ps[((MAX_D + 15) / 16) * MAX_N * 16] __attribute__((aligned(64))), packed[MAX_T * MAX_D];
+    long compared_packed = 0, differ_packed = 0;
     static const int sizes[3] = {32, 64, 48};
     int exact = argc > 1 && strcmp(argv[1], "exact") == 0;
     long compared = 0, differ_alone = 0, differ = 0;
@@ -61,6 +68,17 @@ int main(int argc, char** argv) {
         }
         for (int b = 0; b * Q8_ROWS < d; b++)
             q8_matmul_block(out, d, b, x, xsum, xs, T, STRIDE, w, ws, n, gs);
+        if (Q8_PACKED && (gs == 32 || gs == 64)) {
+            for (int b = 0; b * 16 < d; b++)
+                q8_pack_block(pq, ps, b, w, ws, d, n, gs);
+            for (int b = 0; b * 16 < d; b++)
+                q8_matmul_block_packed(packed, d, b, x, xsum, xs, T, STRIDE, pq, ps, n, gs);
+            for (int i = 0; i < T * d; i++) {
+                compared_packed++;
+                if (memcmp(&packed[i], &out[i], sizeof(float)))
+                    differ_packed++;
+            }
+        }
         int fused = Q8_FUSED && (gs == 32 || gs == 64);
         for (int t = 0; t < T; t++) {
             for (int b = 0; b * Q8_ROWS < d; b++)
@@ -76,6 +94,7 @@ int main(int argc, char** argv) {
             }
         }
     }
-    printf("%s %ld %ld %ld\n", Q8_KERNEL, compared, differ_alone, differ);
+    printf("%s %ld %ld %ld %ld %ld\n", Q8_KERNEL, compared, differ_alone, differ, compared_packed,
+           differ_packed);
     return 0;
 }

@@ -39,15 +39,15 @@ def cpu_flags():
 
 def check(tmp_path, march, flags):
     """Build and run the check program: (path, values compared, differing from one token at a
-    time, differing from the reference)."""
+    time, differing from the reference, values compared from the packed layout, differing)."""
     if shutil.which("gcc") is None or sys.platform != "linux":
         pytest.skip("the check program is built with gcc on Linux")
     exe = tmp_path / "q8matmul_check"
     subprocess.run(["gcc", *FLAGS[flags], *march, "-I", str(REPO),
                     str(REPO / "tests" / "q8matmul_check.c"), "-o", str(exe), "-lm"], check=True)
-    path, compared, differ_alone, differ = subprocess.run(
-        [str(exe), flags], capture_output=True, text=True, check=True).stdout.split()
-    return path, int(compared), int(differ_alone), int(differ)
+    path, *counts = subprocess.run([str(exe), flags], capture_output=True, text=True,
+                                   check=True).stdout.split()
+    return (path, *map(int, counts))
 
 
 @pytest.mark.parametrize("flags", sorted(FLAGS))
@@ -56,11 +56,14 @@ def test_path(march, kernel, needs, flags, tmp_path):
     cpu = cpu_flags()
     if cpu is None or not needs <= cpu:
         pytest.skip(f"this CPU cannot run the {kernel} path")
-    path, compared, differ_alone, differ = check(tmp_path, march, flags)
+    path, compared, differ_alone, differ, compared_packed, differ_packed = check(tmp_path, march, flags)
     assert path == kernel
     assert compared > 100_000
     assert differ_alone == 0  # T tokens at once == one at a time, bit for bit
     assert differ == 0  # == the reference, bit for bit (checked with the exact flags only)
+    # the packed layout (AVX-512 VNNI only) == the file's layout, bit for bit
+    assert (compared_packed > 50_000) == (kernel == "avx512vnni")
+    assert differ_packed == 0
 
 
 def test_builds_say_which_path():
