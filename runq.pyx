@@ -444,7 +444,9 @@ cdef void pack_tensors(QuantizedTensor* dst, const QuantizedTensor* src, int cou
         dst[m].q = <int8_t*>ptr[0]
         dst[m].s = <float*>(ptr[0] + bytes_q)
         ptr[0] += bytes_q + bytes_s
-    for job in prange(count * blocks, schedule="static"):
+    # one thread: a process forked after OpenMP ran (multiprocessing, the fuzz tests) can load a
+    # model, but would hang in a parallel region here
+    for job in range(count * blocks):
         q8_pack_block(dst[job // blocks].q, dst[job // blocks].s, job % blocks,
                       src[job // blocks].q, src[job // blocks].s, d, n, GS)
 
