@@ -47,7 +47,7 @@ import time as _pytime
 from llama2_cython import LlamaError
 from llama2_cython.api import exclusive_state
 from llama2_cython.cli import ExitStatus, parse_args, read_line
-from llama2_cython.formats import map_model, quantized_tensors
+from llama2_cython.formats import map_model, physical_memory, quantized_tensors
 
 # which of q8matmul.h's kernels this build compiled: "avx512vnni", "avx2" or "plain"
 INT8_KERNEL = (<bytes>Q8_KERNEL).decode("ascii")
@@ -467,6 +467,8 @@ cdef pack_weights(Transformer t):
               (L, hidden_dim, dim), (L, dim, hidden_dim), (L, hidden_dim, dim), (1, p.vocab_size, dim)]
     cdef Py_ssize_t total = sum(count * (q8_packed_bytes(d, n) + q8_packed_scales(d, n, GS) * 4)
                                 for count, d, n in shapes)
+    if total > physical_memory() // 2:
+        return  # a model that big runs from the mapped file: slower, but it is not swapped out
     t.packed_buffer = malloc(total + 63)
     t.packed_tensors = <QuantizedTensor*>malloc((7 * L + 1) * sizeof(QuantizedTensor))
     if not t.packed_buffer or not t.packed_tensors:
