@@ -126,7 +126,7 @@ def numpy_sgemm_gflops(matrices, rows):
     return flops / (time.perf_counter() - t0) / 1e9
 
 
-def yardstick(kind, model, count):
+def numpy_yardstick(kind, model, count):
     """numpy_sgemv_gbps(matmul_weights(model), count) (kind "sgemv") or numpy_sgemm_gflops of the
     layers' matrices (kind "sgemm", count rows), measured in a process of its own. In this one,
     numpy's BLAS threads would keep spinning after their last product, for a good fraction of a
@@ -216,7 +216,7 @@ def verdict(ok, text):
 
 
 def main():
-    if sys.argv[1:2] == ["--yardstick"]:  # yardstick()'s process
+    if sys.argv[1:2] == ["--yardstick"]:  # numpy_yardstick()'s process
         kind, model, count = sys.argv[2:]
         if kind == "sgemv":
             print(numpy_sgemv_gbps(matmul_weights(model), int(count)))
@@ -260,7 +260,7 @@ def main():
                     for prog in programs]
         # numpy's sgemv, unless only the GPU runs: its peak is a figure, not a measurement
         yardstick = ((lambda: gpu[1]) if programs == ["run_cuda"]
-                     else functools.partial(yardstick, "sgemv", fp32, args.steps - 1))
+                     else functools.partial(numpy_yardstick, "sgemv", fp32, args.steps - 1))
         numpy_gbps, tok_s_all, _ = rounds(args.repeats, yardstick, *measures)
         for prog, tok_s in zip(programs, tok_s_all):
             decode[prog, name] = tok_s
@@ -295,7 +295,7 @@ def main():
         flops_per_token = sum(2 * m.size for m in layers)
         measures = [functools.partial(prefill_tok_s, COMMANDS[prog], q80 if prog == "runq" else fp32, tok)
                     for prog in cpu_programs]
-        sgemm, tok_s_all, _ = rounds(args.repeats, functools.partial(yardstick, "sgemm", fp32, PROMPT_TOKENS),
+        sgemm, tok_s_all, _ = rounds(args.repeats, functools.partial(numpy_yardstick, "sgemm", fp32, PROMPT_TOKENS),
                                      *measures)
         for prog, tok_s in zip(cpu_programs, tok_s_all):
             gflops = tok_s * flops_per_token / 1e9
@@ -322,7 +322,7 @@ def main():
             model = package.Model(str(q80 if prog == "runq" else fp32), str(tok))
             nbytes = fp32_bytes if prog == "run" else q80_bytes(q80, fp32_bytes)
             counts = (1, 4, 8, 16)
-            numpy_gbps, tok_s_all, _ = rounds(args.repeats, functools.partial(yardstick, "sgemv", fp32, 63),
+            numpy_gbps, tok_s_all, _ = rounds(args.repeats, functools.partial(numpy_yardstick, "sgemv", fp32, 63),
                                               *(functools.partial(batched_tok_s, model, k, 64) for k in counts))
             one = tok_s_all[0]
             for sequences, tok_s in zip(counts, tok_s_all):
