@@ -6,8 +6,8 @@ reports on stderr), and in the same rounds measures how fast numpy's sgemv (matr
 streams the very same weight matrices, sustained over as many passes as decode has tokens.
 Decode reads every weight once per token, so tok/s x weight bytes = GB/s, and GB/s / numpy's
 GB/s says how close to memory-bound the port is. Every figure is the median of --repeats rounds;
-a round times the yardstick (numpy) and then each program once, so that a slow spell of a shared
-machine falls on both sides of a ratio.
+a round times the yardstick (numpy, in a process of its own) and then each program once, so that
+a slow spell of a shared machine falls on both sides of a ratio.
 
     python -m tools.bench [--shapes 15M 110M] [--programs run runq run_cuda] [--repeats 5]
                           [--steps 256] [--c-run PATH_TO_LLAMA2C_RUN]
