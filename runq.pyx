@@ -462,7 +462,7 @@ cdef pack_weights(Transformer t):
     t.packed = False
     if not Q8_PACKED or GS not in (32, 64) or dim % GS or hidden_dim % GS:
         return
-    # (name, tensors, rows, columns) of the matrices forward_batch multiplies with
+    # (tensors, rows, columns) of the matrices forward_batch multiplies with, in c_weights' order
     shapes = [(L, dim, dim), (L, kv_dim, dim), (L, kv_dim, dim), (L, dim, dim),
               (L, hidden_dim, dim), (L, dim, hidden_dim), (L, hidden_dim, dim), (1, p.vocab_size, dim)]
     cdef Py_ssize_t total = sum(count * (q8_packed_bytes(d, n) + q8_packed_scales(d, n, GS) * 4)
@@ -471,9 +471,12 @@ cdef pack_weights(Transformer t):
         return  # a model that big runs from the mapped file: slower, but it is not swapped out
     t.packed_buffer = malloc(total + 63)
     t.packed_tensors = <QuantizedTensor*>malloc((7 * L + 1) * sizeof(QuantizedTensor))
-    if not t.packed_buffer or not t.packed_tensors:
-        raise LlamaError(f"{t.checkpoint_path}: out of memory: malloc failed for the packed "
-                         f"matrices ({total} bytes)")
+    if not t.packed_buffer or not t.packed_tensors:  # then from the mapped file, as elsewhere
+        free(t.packed_buffer)
+        free(t.packed_tensors)
+        t.packed_buffer = NULL
+        t.packed_tensors = NULL
+        return
     cdef char* ptr = <char*>(((<size_t>t.packed_buffer) + 63) & ~(<size_t>63))
     cdef QuantizedTensor* dst = t.packed_tensors
     cdef QuantizedTensor* sources[8]
