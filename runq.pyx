@@ -175,8 +175,10 @@ cdef class Transformer:
     cdef void* packed_buffer
     cdef QuantizedTensor* packed_tensors
 
-    def __init__(self, checkpoint_path):
-        build_transformer(self, checkpoint_path)
+    def __init__(self, checkpoint_path, *, bint pack=True):
+        """pack=False: forward_batch reads the mapped file, without the packed copy of the
+        matrices (pack_weights; the same results, slower on AVX-512 VNNI, less memory)."""
+        build_transformer(self, checkpoint_path, pack)
 
     def with_new_state(self):
         """A Transformer on the same mapped weights with a run state (KV cache) of its own: one
@@ -458,8 +460,6 @@ cdef pack_weights(Transformer t):
     cdef int GS = t.group_size
     cdef int L = p.n_layers, dim = p.dim, hidden_dim = p.hidden_dim
     cdef int kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
-    t.c_packed = t.c_weights
-    t.packed = False
     if not Q8_PACKED or GS not in (32, 64) or dim % GS or hidden_dim % GS:
         return
     # (tensors, rows, columns) of the matrices forward_batch multiplies with, in c_weights' order
@@ -512,11 +512,13 @@ cdef read_checkpoint(Transformer t, checkpoint):
     except MemoryError as e:
         raise LlamaError(f"{os.fsdecode(checkpoint)}: out of memory: {e}") from None
 
-cdef build_transformer(Transformer t, checkpoint_path):
+cdef build_transformer(Transformer t, checkpoint_path, bint pack):
     # read in the Config and the Weights from the checkpoint
     read_checkpoint(t, checkpoint_path)
     t.checkpoint_path = os.fsdecode(checkpoint_path)
-    pack_weights(t)
+    t.c_packed = t.c_weights
+    if pack:
+        pack_weights(t)
     # allocate the RunState buffers
     malloc_states(t)
 
