@@ -5,11 +5,13 @@
 # costs microseconds; when another program keeps one of the cores busy, the thread waiting for that
 # core holds every region up until the scheduler gives it a turn, and decode with OMP_NUM_THREADS
 # threads on as many cores runs 10 to 100 times slower than on one thread (run.c does the same).
-# So the decode steps (one token of one sequence) time themselves, and now and then a step tries
-# the other choice, all threads or one; the faster per-step time wins. A losing trial waits twice
-# as long before the next one, and one that lost by far (a busy core: it can take 100 ms) waits
-# the longest gap, MAX_TRIAL_GAP steps, so that on a steady machine trials cost little. Which
-# threads compute which rows changes no result: every sum is the same either way.
+# So the decode steps (one token of one sequence) time themselves, and now and then a few steps
+# try the other choice, all threads or one; decode switches when their mean time is clearly below
+# the mean of the current choice's last steps. Trials come rarely (each loss doubles the gap, one
+# lost by far waits the longest), and at once when all threads' steps turn slow (a busy core from
+# now on). The times compared are means of several steps with a margin: single steps, on a shared
+# machine, once made one thread look faster often enough to cost 5-10% of a quiet machine's
+# decode. Which threads compute which rows changes no result: every sum is the same either way.
 
 cdef extern from *:
     """
@@ -28,50 +30,74 @@ cdef extern from *:
     void team_set_threads(int n) noexcept nogil
     double team_clock() noexcept nogil
 
-DEF FIRST_TRIAL = 2  # the first trial comes after the first steps (thread start-up, page faults)
-DEF FIRST_TRIAL_GAP = 64  # decode steps between trials of the other choice, at first
-DEF MAX_TRIAL_GAP = 256
+DEF RECENT = 8  # the current choice's last step times, that trials are measured against
+DEF SLOW = 1.5  # all threads: a step is slow when it takes SLOW times the fastest of them
+DEF SLOW_STEPS = 3  # this many slow steps in a row start a trial of one thread
+DEF TRIAL_STEPS = 2  # steps a trial runs
+DEF WIN = 0.8  # a trial wins when its mean step time is under WIN times the recent mean
+DEF FIRST_TRIAL = 16  # steps before the first trial, and before the first after a switch
+DEF FIRST_TRIAL_GAP = 128  # steps between trials at first, doubled after each loss
+DEF MAX_TRIAL_GAP = 1024
 
 cdef struct Team:
     int max_threads  # OMP_NUM_THREADS (or the cores); 0 until the first step
     bint alone  # whether the choice is one thread (else max_threads)
-    bint trial  # whether this step tries the other choice
-    double seconds[2]  # the last step's time with all threads [0] and alone [1]; 0: not yet
-    int steps_to_trial  # decode steps until the next trial
-    int trial_gap  # decode steps between trials
+    double recent[RECENT]  # the last step times with the current choice, a ring
+    int n_recent  # how many steps of the current choice went into it
+    int slow_run  # slow steps in a row (all threads)
+    int trial_left  # steps of the running trial still to go; 0: no trial
+    double trial_seconds  # the running trial's steps' total time
+    int steps_to_trial  # steps before the next trial
+    int trial_gap  # steps between trials
 
 cdef double team_begin(Team* team, int B) noexcept nogil:
     # before a forward pass of B tokens: sets this thread's team size; returns the start time
     if team.max_threads == 0:
         team.max_threads = team_max_threads()
-        team.trial_gap = FIRST_TRIAL_GAP
         team.steps_to_trial = FIRST_TRIAL
+        team.trial_gap = FIRST_TRIAL_GAP
     if team.max_threads == 1:
         return 0.0
-    team.trial = B == 1 and team.steps_to_trial <= 0
-    team_set_threads(1 if team.alone != team.trial else team.max_threads)
+    team_set_threads(1 if team.alone != (B == 1 and team.trial_left > 0) else team.max_threads)
     return team_clock()
 
 cdef void team_end(Team* team, int B, double start) noexcept nogil:
     # after the pass: a decode step's time updates the choice
-    cdef bint alone
-    cdef double seconds
+    cdef double seconds, recent_mean = 0.0, fastest = 0.0
+    cdef int k, n = 0
+    cdef bint far
     if team.max_threads == 1:
         return
     team_set_threads(team.max_threads)  # what the rest of the program uses
     if B != 1:  # a prompt or a batch: its time per token says nothing about a decode step's
         return
     seconds = team_clock() - start
-    alone = team.alone != team.trial
-    team.seconds[alone] = seconds
-    if not team.trial:
-        team.steps_to_trial -= 1
+    n = min(team.n_recent, RECENT)
+    for k in range(n):
+        recent_mean += team.recent[k] / n
+        fastest = team.recent[k] if k == 0 else min(fastest, team.recent[k])
+    if team.trial_left > 0:  # a step of the other choice
+        team.trial_seconds += seconds
+        team.trial_left -= 1
+        if team.trial_left > 0:
+            return
+        if team.trial_seconds / TRIAL_STEPS < WIN * recent_mean:
+            team.alone = not team.alone
+            team.n_recent = 0
+            team.steps_to_trial = FIRST_TRIAL
+            team.trial_gap = FIRST_TRIAL_GAP
+        else:  # lost; by far (a busy core): wait the longest
+            far = team.trial_seconds / TRIAL_STEPS > 4 * recent_mean
+            team.trial_gap = MAX_TRIAL_GAP if far else min(2 * team.trial_gap, MAX_TRIAL_GAP)
+            team.steps_to_trial = team.trial_gap
+        team.slow_run = 0
         return
-    if team.seconds[not alone] > 0 and seconds < team.seconds[not alone]:
-        team.alone = alone  # the trial won: switch, and try back soon
-        team.trial_gap = FIRST_TRIAL_GAP
-    elif seconds > 4 * team.seconds[not alone]:
-        team.trial_gap = MAX_TRIAL_GAP
-    else:
-        team.trial_gap = min(2 * team.trial_gap, MAX_TRIAL_GAP)
-    team.steps_to_trial = team.trial_gap
+    team.slow_run = team.slow_run + 1 if (not team.alone and n == RECENT
+                                          and seconds > SLOW * fastest) else 0
+    team.recent[team.n_recent % RECENT] = seconds
+    # (past RECENT, kept in RECENT .. 2 * RECENT - 1: the ring's position, and "full")
+    team.n_recent = (team.n_recent + 1) % RECENT + RECENT if team.n_recent + 1 >= RECENT else team.n_recent + 1
+    team.steps_to_trial -= 1
+    if team.steps_to_trial <= 0 or team.slow_run >= SLOW_STEPS:
+        team.trial_left = TRIAL_STEPS
+        team.trial_seconds = 0.0
