@@ -37,7 +37,7 @@ DEF TRIAL_STEPS = 2  # steps a trial runs
 DEF WIN = 0.8  # a trial wins when its mean step time is under WIN times the recent mean
 DEF FIRST_TRIAL = 16  # steps before the first trial, and before the first after a switch
 DEF FIRST_TRIAL_GAP = 128  # steps between trials at first, doubled after each loss
-DEF MAX_TRIAL_GAP = 1024
+DEF MAX_TRIAL_GAP = 512
 
 cdef struct Team:
     int max_threads  # OMP_NUM_THREADS (or the cores); 0 until the first step
