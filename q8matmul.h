@@ -2,8 +2,9 @@
  * groups of gs values (n % gs == 0; each group of a row or of x has one float scale).
  *
  * runq.pyx's matmul and matmul_batch call q8_matmul_block for blocks of Q8_ROWS rows (OpenMP
- * spreads the blocks), after q8_group_sums gave each token's sum of x per group. For row i and
- * token t the result is runq.c's loop:
+ * spreads the blocks), after q8_group_sums gave each token's sum of x per group; on AVX-512 VNNI
+ * matmul_batch calls q8_matmul_block_packed instead, on the copy runq.pyx packs at load (see
+ * q8_pack_block), with the same results. For row i and token t the result is runq.c's loop:
  *
  *     for each group g, in order:  val += (float)(integer dot product of the group) * ws[g] * xs[g]
  *
