@@ -23,7 +23,7 @@ import time as _pytime
 from llama2_cython import LlamaError
 from llama2_cython.api import exclusive_state
 from llama2_cython.cli import ExitStatus, parse_args, read_line
-from llama2_cython.formats import map_model
+from llama2_cython.formats import map_model, rope_frequencies
 
 cdef extern from "f32dot.h" nogil:
     # forward_batch's matrix products (the header says how each sum is ordered, and why)
@@ -32,6 +32,7 @@ cdef extern from "f32dot.h" nogil:
 
 
 include "team.pxi"  # how many threads decode with
+include "rope.pxi"  # the RoPE frequencies (run.c's, or a v3 file's)
 
 # ----------------------------------------------------------------------------
 # Transformer model
@@ -114,12 +115,18 @@ cdef class Transformer:
     cdef TransformerWeights c_weights  # the weights of the model
     cdef RunState state  # buffers for the "wave" of activations in the forward pass
     cdef BatchState batch  # the same for forward_batch (not in run.c)
-    cdef readonly int version  # file format: 0 (legacy) or 1
+    cdef readonly int version  # file format: 0 (legacy), 1, or 3 with fp32 weights
     cdef readonly bint shared_weights  # the classifier is the token embedding table
     cdef readonly Py_ssize_t file_size  # size of the checkpoint file in bytes
     cdef object _mmap  # the memory map keeps the weights' pages alive
     cdef const unsigned char[::1] _data  # the mapped bytes, for their address
     cdef readonly str checkpoint_path
+    # not in the C: what the header says (llama2_cython.formats.Header), and from it the model's
+    # RMSNorm epsilon and RoPE frequencies (rope.pxi): run.c's constants, or a v3 file's values
+    cdef readonly object header
+    cdef float norm_eps
+    cdef const float* rope_freqs
+    cdef object _rope_table  # owns rope_freqs
     # what is not in run.c's struct: a Transformer made by with_new_state() shares the weights of
     # the one that loaded them (weights_owner keeps it alive), and state_lock keeps two threads
     # or two generations from running on one run state at once (exclusive_state)
@@ -142,6 +149,10 @@ cdef class Transformer:
         t.shared_weights = self.shared_weights
         t.file_size = self.file_size
         t.checkpoint_path = self.checkpoint_path
+        t.header = self.header
+        t.norm_eps = self.norm_eps
+        t.rope_freqs = self.rope_freqs
+        t._rope_table = self._rope_table
         malloc_states(t)
         return t
 
@@ -315,10 +326,13 @@ cdef void memory_map_weights_v1(TransformerWeights* w, Config* p, float* ptr, bi
 cdef read_checkpoint(Transformer t, checkpoint):
     # run.c freads the header and mmaps the file; here map_model checks every size against the
     # file first, and reads v1 files too (run.c reads v0 only)
-    header, t._mmap = map_model(checkpoint, (0, 1), "run")
+    header, t._mmap = map_model(checkpoint, False, "run")
     t._data = t._mmap
     t.c_config = header.config
     t.version = header.version
+    t.header = header
+    t.norm_eps = header.norm_eps
+    t._rope_table = rope_table(header, &t.rope_freqs)
     t.shared_weights = header.shared_classifier
     t.file_size = len(t._mmap)
     cdef float* weights_ptr = <float*>&t._data[<Py_ssize_t>header.size]
@@ -346,14 +360,15 @@ cdef malloc_states(Transformer t):
 # ----------------------------------------------------------------------------
 # neural net blocks; the dynamics of the Transformer
 
-cdef void rmsnorm(float* o, const float* x, const float* weight, int size) noexcept nogil:
+cdef void rmsnorm(float* o, const float* x, const float* weight, int size, float eps) noexcept nogil:
+    # eps: run.c's 1e-5f, or the file's (v3)
     # calculate sum of squares
     cdef float ss = 0.0
     cdef int j
     for j in range(size):
         ss += x[j] * x[j]
     ss /= size
-    ss += <float>1e-5
+    ss += eps
     ss = <float>1.0 / sqrtf(ss)
     # normalize and scale
     for j in range(size):
@@ -417,7 +432,7 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
     for l in range(p.n_layers):
 
         # attention rmsnorm
-        rmsnorm(s.xb, x, w.rms_att_weight + l * dim, dim)
+        rmsnorm(s.xb, x, w.rms_att_weight + l * dim, dim, transformer.norm_eps)
 
         # key and value point to the kv cache
         loff = l * p.seq_len * kv_dim  # kv cache layer offset for convenience
@@ -432,7 +447,7 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
         # RoPE relative positional encoding: complex-valued rotate q and k in each head
         for i in range(0, dim, 2):
             head_dim = i % head_size
-            freq = <float>1.0 / powf(<float>10000.0, head_dim / <float>head_size)
+            freq = rope_frequency(transformer.rope_freqs, head_dim, head_size)
             val = pos * freq
             fcr = cosf(val)
             fci = sinf(val)
@@ -485,7 +500,7 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
             x[i] += s.xb2[i]
 
         # ffn rmsnorm
-        rmsnorm(s.xb, x, w.rms_ffn_weight + l * dim, dim)
+        rmsnorm(s.xb, x, w.rms_ffn_weight + l * dim, dim, transformer.norm_eps)
 
         # Now for FFN in PyTorch we have: self.w2(F.silu(self.w1(x)) * self.w3(x))
         # first calculate self.w1(x) and self.w3(x)
@@ -509,7 +524,7 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
             x[i] += s.xb[i]
 
     # final rmsnorm
-    rmsnorm(x, x, w.rms_final_weight, dim)
+    rmsnorm(x, x, w.rms_final_weight, dim, transformer.norm_eps)
 
     # classifier into logits
     matmul(s.logits, x, w.wcls, p.dim, p.vocab_size)
@@ -618,7 +633,8 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
 
         # attention rmsnorm
         for b in range(B):
-            rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_att_weight + l * dim, dim)
+            rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_att_weight + l * dim, dim,
+                    transformer.norm_eps)
 
         # qkv matmuls for these positions
         loff = l * p.seq_len * kv_dim  # kv cache layer offset for convenience
@@ -630,7 +646,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             pos = batch[b].pos
             for i in range(0, dim, 2):
                 head_dim = i % head_size
-                freq = <float>1.0 / powf(<float>10000.0, head_dim / <float>head_size)
+                freq = rope_frequency(transformer.rope_freqs, head_dim, head_size)
                 val = pos * freq
                 fcr = cosf(val)
                 fci = sinf(val)
@@ -678,7 +694,8 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
 
         # ffn rmsnorm
         for b in range(B):
-            rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_ffn_weight + l * dim, dim)
+            rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_ffn_weight + l * dim, dim,
+                    transformer.norm_eps)
 
         # w1(x) and w3(x), SwiGLU, w2
         matmul_batch3(bs.xb, dim, B, bs.hb, w.w1 + l * dim * hidden_dim, hidden_dim,
@@ -698,7 +715,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     for b in range(B):
         if batch[b].want_logits:
             x = bs.x + b * dim
-            rmsnorm(x, x, w.rms_final_weight, dim)  # in place, as in forward()
+            rmsnorm(x, x, w.rms_final_weight, dim, transformer.norm_eps)  # in place, as in forward()
             memcpy(bs.xb + n_out * dim, x, dim * sizeof(float))
             n_out += 1
     matmul_batch(bs.logits, bs.xb, w.wcls, p.dim, p.vocab_size, n_out)

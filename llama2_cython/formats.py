@@ -7,11 +7,24 @@ layouts, the rules a header must follow, and the number of bytes each format giv
      uint8 shared-classifier flag; then fp32 weights (norms first, no RoPE tables).
   v2 (Q8_0, runq.c): the v1 header with version 2 and an int32 group_size after the flag; fp32
      norms, then each matrix as int8 values followed by one fp32 scale per group.
+  v3 (not in llama2.c): a model that run.c's constants would compute wrongly (another RoPE base
+     or scaling, another RMSNorm epsilon: Code Llama, Llama 3, Hugging Face configs). The v2
+     header with version 3, group_size 0 for v1's fp32 tensors or > 0 for v2's Q8_0 ones, and at
+     byte 48 (all little-endian): float32 rope_theta, float32 norm_eps, int32 rope_scaling (0
+     none, 1 linear, 2 llama3), float32 rope_factor, float32 rope_low_freq_factor, float32
+     rope_high_freq_factor, int32 rope_original_max_position; every other byte of the 256 is 0.
+     upstream's run.c and runq.c refuse it (runq.c: "Bad version 3"; run.c reads no magic number
+     at all, and none of its files start with one), where a v1 or v2 file would be read with the
+     wrong constants without a word. export.py writes v3 only for such models: a Llama 2 model
+     is always written in the formats upstream reads, byte for byte.
 export.py's docstring lists the tensors of each format in order.
 """
+import array
+import math
 import mmap
 import numbers
 import os
+import struct
 from dataclasses import dataclass
 
 from . import LlamaError
@@ -24,18 +37,52 @@ MAX_SEQ_LEN = 1 << 20  # the longest context a header may ask for (Llama 2 and 3
 MAX_GROUP_SIZE = 1 << 17  # 2^17 products of at most 127 * 128 stay within a group's int32 sum
 
 
+def float32(value):
+    """value rounded to the nearest float32, as a Python float."""
+    return array.array("f", [value])[0]
+
+
+# what run.c computes with: RoPE base 10000 (powf(10000.0f, ...)), RMSNorm epsilon 1e-5f
+ROPE_THETA = 10000.0
+NORM_EPS = float32(1e-5)
+ROPE_SCALINGS = ("none", "linear", "llama3")  # v3's rope_scaling, by its number
+V3_PARAMS = struct.Struct("<ffifffi")  # rope_theta .. rope_original_max_position, at byte 48
+V3_PARAMS_OFFSET = 48
+
+
+@dataclass(frozen=True)
+class Rope:
+    """How a model rotates queries and keys: transformers' rope_theta and rope_scaling (none;
+    linear: every frequency / factor; llama3: Llama 3.1's frequency-dependent factor between
+    low_freq_factor and high_freq_factor wavelengths of original_max_position). Stored as float32,
+    the precision the frequencies are computed in."""
+    theta: float = ROPE_THETA
+    scaling: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 0.0
+    high_freq_factor: float = 0.0
+    original_max_position: int = 0
+
+
 @dataclass(frozen=True)
 class Header:
     """What a model file's header says."""
-    version: int  # 0, 1 or 2
+    version: int  # 0, 1, 2 or 3
     config: dict  # CONFIG_FIELDS -> int (vocab_size positive)
     shared_classifier: bool  # the classifier is the token embedding table
-    group_size: int = 0  # v2 only
+    group_size: int = 0  # v2, and v3 with Q8_0 tensors; 0 for fp32 tensors
+    rope: Rope = Rope()  # v3 only; run.c's for the others
+    norm_eps: float = NORM_EPS  # v3 only; run.c's for the others
 
     @property
     def size(self):
         """Bytes of header before the weights."""
         return V0_HEADER_SIZE if self.version == 0 else HEADER_SIZE
+
+    @property
+    def quantized(self):
+        """Q8_0 tensors (runq's), else fp32 (run's)."""
+        return self.version == 2 or (self.version == 3 and self.group_size > 0)
 
     def file_size(self):
         """The size in bytes of a file with this header."""
@@ -43,7 +90,67 @@ class Header:
 
     def describe(self):
         text = ", ".join(f"{k}={v}" for k, v in self.config.items())
-        return text + (f", group_size={self.group_size}" if self.version == 2 else "")
+        text += f", group_size={self.group_size}" if self.quantized else ""
+        if self.version == 3:
+            text += f", {describe_model(self.rope, self.norm_eps)}"
+        return text
+
+
+def describe_model(rope, norm_eps):
+    """What differs from run.c's constants, in words."""
+    text = f"rope_theta={rope.theta:g}, norm_eps={norm_eps:g}"
+    if rope.scaling == "linear":
+        text += f", linear RoPE scaling by {rope.factor:g}"
+    elif rope.scaling == "llama3":
+        text += (f", llama3 RoPE scaling (factor {rope.factor:g}, low_freq_factor "
+                 f"{rope.low_freq_factor:g}, high_freq_factor {rope.high_freq_factor:g}, "
+                 f"original_max_position {rope.original_max_position})")
+    return text
+
+
+def is_llama2(rope, norm_eps):
+    """Whether run.c's constants compute this model: then v0, v1 and v2 hold it exactly."""
+    return rope == Rope() and norm_eps == NORM_EPS
+
+
+def pack_v3_params(rope, norm_eps):
+    """v3's header fields at V3_PARAMS_OFFSET (see the module docstring)."""
+    return V3_PARAMS.pack(rope.theta, norm_eps, ROPE_SCALINGS.index(rope.scaling), rope.factor,
+                          rope.low_freq_factor, rope.high_freq_factor, rope.original_max_position)
+
+
+def rope_frequencies(header):
+    """The head_size / 2 RoPE frequencies of a model whose RoPE is not run.c's, as a list of
+    float32 values computed as transformers computes them (inv_freq, in float32): run, runq and
+    run_cuda rotate with these. None for run.c's own RoPE, which they compute as run.c does."""
+    rope = header.rope
+    if rope == Rope():
+        return None
+    head_size = header.config["dim"] // header.config["n_heads"]
+    inv_freq = [float32(1.0 / float32(float32(rope.theta) ** float32(i / head_size)))
+                for i in range(0, head_size, 2)]
+    if rope.scaling == "linear":
+        inv_freq = [float32(f / rope.factor) for f in inv_freq]
+    elif rope.scaling == "llama3":
+        # transformers' _compute_llama3_parameters: long wavelengths are divided by factor, short
+        # ones kept, and those in between blended by where the wavelength falls
+        old_context = rope.original_max_position
+        low_freq_wavelen = old_context / rope.low_freq_factor
+        high_freq_wavelen = old_context / rope.high_freq_factor
+        scaled = []
+        for f in inv_freq:
+            wavelen = float32(float32(2 * math.pi) / f)
+            if wavelen > low_freq_wavelen:
+                scaled.append(float32(f / rope.factor))
+            elif wavelen < high_freq_wavelen:
+                scaled.append(f)
+            else:
+                smooth = float32(float32(float32(old_context / wavelen) - rope.low_freq_factor)
+                                 / float32(rope.high_freq_factor - rope.low_freq_factor))
+                scaled.append(float32(float32(float32(float32(1 - smooth) * f) / rope.factor)
+                                      + float32(smooth * f)))
+        inv_freq = scaled
+    return inv_freq
 
 
 def _ints(head, offset, count):
@@ -53,16 +160,29 @@ def _ints(head, offset, count):
 
 def parse_header(head, path):
     """The Header of a file that starts with the bytes head (at least 256 of them, or the whole
-    file): v1/v2 when it starts with the magic number, else v0. Checks nothing but the length."""
+    file): v1/v2/v3 when it starts with the magic number, else v0. Checks nothing but the length
+    (check_header checks the numbers)."""
     if int.from_bytes(head[:4], "little") == MAGIC and len(head) >= 8:
         version = _ints(head, 4, 1)[0]
-        if version not in (1, 2):
-            raise LlamaError(f"{path}: unknown llama2.c file version {version} (1 and 2 exist)")
+        if version not in (1, 2, 3):
+            raise LlamaError(f"{path}: unknown llama2.c file version {version} (1, 2 and 3 exist)")
         if len(head) < HEADER_SIZE:
             raise LlamaError(f"{path}: file is {len(head)} bytes, too small for a v{version} header")
         config = dict(zip(CONFIG_FIELDS, _ints(head, 8, 7)))
-        group_size = _ints(head, 37, 1)[0] if version == 2 else 0
-        return Header(version, config, head[36] != 0, group_size)
+        group_size = _ints(head, 37, 1)[0] if version >= 2 else 0
+        if version != 3:
+            return Header(version, config, head[36] != 0, group_size)
+        theta, eps, scaling, factor, low, high, original = V3_PARAMS.unpack_from(head, V3_PARAMS_OFFSET)
+        if not 0 <= scaling < len(ROPE_SCALINGS):
+            raise LlamaError(f"{path}: bad header: rope_scaling = {scaling} (0 none, 1 linear, "
+                             f"2 llama3)")
+        if head[36] > 1 or any(head[41:V3_PARAMS_OFFSET]) or \
+                any(head[V3_PARAMS_OFFSET + V3_PARAMS.size:HEADER_SIZE]):
+            # a field that this reader does not know would be ignored: refuse instead
+            raise LlamaError(f"{path}: bad header: v3 bytes that must be 0 are not (a newer "
+                             f"format?)")
+        rope = Rope(theta, ROPE_SCALINGS[scaling], factor, low, high, original)
+        return Header(3, config, head[36] != 0, group_size, rope, eps)
     if len(head) < V0_HEADER_SIZE:
         raise LlamaError(f"{path}: file is {len(head)} bytes, too small for a model header")
     config = dict(zip(CONFIG_FIELDS, _ints(head, 0, 7)))
@@ -141,12 +261,48 @@ def check_group_size(config, group_size, shared_classifier, where):
                              f"leave its float32 scales misaligned")
 
 
+def check_model_params(config, rope, norm_eps, where):
+    """Refuses RoPE and RMSNorm parameters that describe no model (transformers' rules for its
+    rope_scaling), naming the field; where starts the line."""
+    def positive(name, value):
+        if not (math.isfinite(value) and value > 0):
+            raise LlamaError(f"{where}: {name} = {value!r} (must be a finite number > 0)")
+
+    positive("rope_theta", rope.theta)
+    positive("norm_eps", norm_eps)
+    if rope.scaling not in ROPE_SCALINGS:
+        raise LlamaError(f"{where}: rope scaling {rope.scaling!r} is not one of {ROPE_SCALINGS}")
+    if rope.scaling == "none":
+        if (rope.factor, rope.low_freq_factor, rope.high_freq_factor,
+                rope.original_max_position) != (1.0, 0.0, 0.0, 0):
+            raise LlamaError(f"{where}: RoPE scaling parameters without a rope_scaling")
+        return
+    positive("rope_factor", rope.factor)
+    if rope.scaling == "linear":
+        if (rope.low_freq_factor, rope.high_freq_factor, rope.original_max_position) != (0.0, 0.0, 0):
+            raise LlamaError(f"{where}: llama3 RoPE parameters with linear scaling")
+        return
+    positive("rope_low_freq_factor", rope.low_freq_factor)
+    positive("rope_high_freq_factor", rope.high_freq_factor)
+    if not rope.high_freq_factor > rope.low_freq_factor:
+        raise LlamaError(f"{where}: rope_high_freq_factor = {rope.high_freq_factor:g} is not "
+                         f"above rope_low_freq_factor = {rope.low_freq_factor:g}")
+    if not 0 < rope.original_max_position <= MAX_SEQ_LEN:
+        raise LlamaError(f"{where}: rope_original_max_position = {rope.original_max_position} "
+                         f"(must be in 1..{MAX_SEQ_LEN})")
+
+
 def check_header(header, path):
     """Refuses a header whose numbers do not describe a model; the line names path and the field."""
     check_config(header.config, f"{path}: bad header")
-    if header.version == 2:
+    if header.quantized:
         check_group_size(header.config, header.group_size, header.shared_classifier,
                          f"{path}: bad header")
+    elif header.group_size < 0:
+        raise LlamaError(f"{path}: bad header: group_size = {header.group_size} (0 for float32 "
+                         f"weights, > 0 for Q8_0)")
+    if header.version == 3:
+        check_model_params(header.config, header.rope, header.norm_eps, f"{path}: bad header")
 
 
 def weights_nbytes(header):
@@ -154,7 +310,7 @@ def weights_nbytes(header):
     c = header.config
     norms = 2 * c["n_layers"] * c["dim"] + c["dim"]  # rms_att, rms_ffn, rms_final
     matrices = quantized_tensors(c, header.shared_classifier)
-    if header.version == 2:  # int8 values and one fp32 scale per group
+    if header.quantized:  # int8 values and one fp32 scale per group
         return 4 * norms + sum(n * (r * k + 4 * (r * k // header.group_size)) for _, n, r, k in matrices)
     floats = norms + sum(n * r * k for _, n, r, k in matrices)
     if header.version == 0:  # the legacy freq_cis tables
@@ -175,8 +331,9 @@ def check_file_size(header, file_size, path):
                          f"({header.describe()}) needs {header.file_size()}")
 
 
-def map_model(checkpoint, versions, prog):
-    """(Header, read-only mmap) of a model file in one of the versions that prog reads. Every
+def map_model(checkpoint, quantized, prog):
+    """(Header, read-only mmap) of a model file with Q8_0 tensors (v2, v3 with a group size: runq)
+    or with fp32 ones (v0, v1, v3 without: run), as quantized says. Every
     size is checked against the file before the C code makes a pointer into it (run.c and runq.c
     trust the header)."""
     path = os.fsdecode(checkpoint)
@@ -188,7 +345,7 @@ def map_model(checkpoint, versions, prog):
         file_size = os.fstat(f.fileno()).st_size
         head = f.read(HEADER_SIZE)
         header = parse_header(head, path)
-        if header.version not in versions:
+        if header.quantized != quantized:
             raise LlamaError(_wrong_version(header, head, file_size, path))
         check_header(header, path)
         check_file_size(header, file_size, path)
@@ -206,8 +363,8 @@ def map_model(checkpoint, versions, prog):
 def _wrong_version(header, head, file_size, path):
     # run.c reads anything without the magic number as v0; runq.c says "Bad magic number" to a
     # v0 file and "Bad version 1" to a v1 file: name the program that reads the file instead
-    if header.version == 2:
-        return f"{path}: is a version 2 (int8 Q8_0) file: run it with runq"
+    if header.quantized:
+        return f"{path}: is a version {header.version} (int8 Q8_0) file: run it with runq"
     if header.version == 0:
         try:
             check_header(header, path)

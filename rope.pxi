@@ -1,0 +1,22 @@
+# Included by run.pyx and runq.pyx (no twin in the C): where a model's RoPE frequencies come from.
+# run.c computes each one from the base 10000; a v3 file's model (another base, or a scaling)
+# brings a table that llama2_cython.formats.rope_frequencies computes once at load, as
+# transformers computes it. run_cuda takes the same table.
+
+cdef inline float rope_frequency(const float* table, int head_dim, int head_size) noexcept nogil:
+    # the frequency of the pair at head_dim (even) in a head of head_size
+    if table == NULL:
+        return <float>1.0 / powf(<float>10000.0, head_dim / <float>head_size)  # run.c's
+    return table[head_dim // 2]
+
+
+cdef object rope_table(header, const float** table):
+    # the header's frequency table as an array that must stay alive while *table points into it;
+    # None (and *table NULL) for run.c's RoPE
+    values = rope_frequencies(header)
+    if values is None:
+        table[0] = NULL
+        return None
+    cdef float[::1] view = array.array("f", values)
+    table[0] = &view[0]
+    return view
