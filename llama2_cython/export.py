@@ -189,51 +189,173 @@ def _dequantize(q, scale, shape):
     return (q.reshape(-1, group_size) * scale[:, None]).reshape(shape)
 
 
-# ---------------------------------------------------------------------------- reading
+# ---------------------------------------------------------------------------- model parameters
+
+# A config dict holds the 7 ints of CONFIG_KEYS and, for a model that run.c's constants do not
+# compute, any of: "rope_theta" (float), "norm_eps" (float), "rope_scaling" (None, or a dict as
+# transformers writes it: {"rope_type": "linear", "factor": F} or {"rope_type": "llama3",
+# "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}).
+# Absent keys mean run.c's values. Such a model is written as v3 (formats.py).
+
+def model_params(config, where="config", scaling_key="rope_scaling"):
+    """(formats.Rope, norm_eps) of a config dict (see above), checked; float32 as stored. The
+    messages start with where and call the scaling dict scaling_key."""
+    def number(key, default):
+        value = config.get(key, default)
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise ExportError(f"{where}: {key} is {_show(value)}, not a number")
+        return formats.float32(value)
+
+    theta, eps = number("rope_theta", formats.ROPE_THETA), number("norm_eps", formats.NORM_EPS)
+    scaling = config.get("rope_scaling")
+    if scaling is None:
+        rope = formats.Rope(theta)
+    else:
+        if not isinstance(scaling, dict):
+            raise ExportError(f"{where}: {scaling_key} is {_show(scaling)}, not a JSON object")
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "linear" and set(scaling) <= {"rope_type", "type", "factor"}:
+            rope = formats.Rope(theta, "linear", number_in(scaling, "factor", where, scaling_key))
+        elif kind == "llama3" and set(scaling) <= {"rope_type", "type", "factor", "low_freq_factor",
+                                                    "high_freq_factor",
+                                                    "original_max_position_embeddings"}:
+            original = scaling.get("original_max_position_embeddings")
+            if not _is_int(original):
+                raise ExportError(f"{where}: {scaling_key}.original_max_position_embeddings is "
+                                  f"{_show(original)}, not an integer")
+            rope = formats.Rope(theta, "llama3", number_in(scaling, "factor", where, scaling_key),
+                                number_in(scaling, "low_freq_factor", where, scaling_key),
+                                number_in(scaling, "high_freq_factor", where, scaling_key),
+                                original)
+        else:
+            raise ExportError(f"{where}: {scaling_key} {_show(scaling)} is not one that run and "
+                              f"runq compute (linear or llama3, with their parameters only)")
+    if rope.scaling == "none" and rope.theta == formats.ROPE_THETA:
+        rope = formats.Rope()
+    formats.check_model_params(config, rope, eps, where)
+    return rope, eps
+
+
+def number_in(mapping, key, where, mapping_key):
+    value = mapping.get(key)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ExportError(f"{where}: {mapping_key}.{key} is {_show(value)}, not a number")
+    return formats.float32(value)
+
+
+def params_config(rope, norm_eps):
+    """The config keys (see model_params) that give rope and norm_eps; none for run.c's."""
+    keys = {}
+    if rope.theta != formats.ROPE_THETA:
+        keys["rope_theta"] = rope.theta
+    if norm_eps != formats.NORM_EPS:
+        keys["norm_eps"] = norm_eps
+    if rope.scaling == "linear":
+        keys["rope_scaling"] = {"rope_type": "linear", "factor": rope.factor}
+    elif rope.scaling == "llama3":
+        keys["rope_scaling"] = {"rope_type": "llama3", "factor": rope.factor,
+                                "low_freq_factor": rope.low_freq_factor,
+                                "high_freq_factor": rope.high_freq_factor,
+                                "original_max_position_embeddings": rope.original_max_position}
+    return keys
+
+
+# ---------------------------------------------------------------------------- sources
+# The writers read their input a tensor at a time from a source, so that converting a model takes
+# memory for its largest tensor, not for the model (Llama 2 7B is 27 GB in float32). A source has
+#   .config  the config dict (the 7 ints, and the model parameters above)
+#   .shared  whether the classifier is the token embedding table
+#   .tensor(key, layer=None)  one weight as a float32 array: key is run.c's name (weight_shapes),
+#            layer the layer of the per-layer ones (LAYERED), whose shape then has no layer axis.
+
+
+class ArraySource:
+    """Weights that are already arrays: (config, weights, shared) as read_model gives them."""
+
+    def __init__(self, config, weights, shared):
+        _check_weights(_check_config(config, "config"), weights, shared)
+        self.config, self.weights, self.shared = config, weights, shared
+
+    def tensor(self, key, layer=None):
+        array = self.weights["token_embedding_table" if key == "wcls" and self.shared else key]
+        return array if layer is None else array[layer]
+
+
+class FileSource:
+    """A llama2.c model file of any version, mapped: each tensor is read (and, from v2,
+    dequantized) when asked for."""
+
+    def __init__(self, path, log=None):
+        with open(path, "rb") as fh:
+            header = formats.parse_header(fh.read(HEADER_SIZE), path)
+            formats.check_header(header, path)
+            formats.check_file_size(header, os.fstat(fh.fileno()).st_size, path)
+        self.header = header
+        self.config = dict(header.config, **params_config(header.rope, header.norm_eps))
+        self.shared = header.shared_classifier
+        self._data = np.memmap(path, np.uint8, mode="r")
+        self._offsets = {}  # key: (offset of layer 0, bytes per layer)
+        offset = header.size
+        shapes = weight_shapes(header.config)
+        if header.version == 0:
+            order = list(V0_ORDER) + ["freq_cis"] + ([] if self.shared else ["wcls"])
+        else:
+            order = list(NORMS) + list(_tensor_names(self.shared))
+        head_size = header.config["dim"] // header.config["n_heads"]
+        for key in order:
+            if key == "freq_cis":
+                offset += 2 * header.config["seq_len"] * (head_size // 2) * 4
+                continue
+            shape = shapes[key]
+            count = shape[0] if key in LAYERED else 1
+            values = math.prod(shape) // count
+            size = values + 4 * (values // header.group_size) if header.quantized and key not in NORMS \
+                else 4 * values
+            self._offsets[key] = (offset, size)
+            offset += count * size
+        (log or _silent)(f"read {path}: version {header.version}, {header.describe()}, "
+                         f"{'shared' if self.shared else 'separate'} classifier")
+
+    def tensor(self, key, layer=None):
+        if key == "wcls" and self.shared:
+            key = "token_embedding_table"
+        shape = weight_shapes(self.header.config)[key]
+        if key in LAYERED:
+            shape = shape[1:]
+        offset, size = self._offsets[key]
+        raw = self._data[offset + (layer or 0) * size:][:size]
+        if not self.header.quantized or key in NORMS:
+            return raw.view("<f4").astype(np.float32).reshape(shape)
+        values = math.prod(shape)
+        q = raw[:values].view(np.int8)
+        scale = raw[values:].view("<f4").astype(np.float32)
+        return _dequantize(q, scale, shape)
+
+
+def gather(source):
+    """(config, weights, shared) with every weight of source in memory, stacked over layers."""
+    cfg = _check_config(source.config, "config")
+    weights = {}
+    for key, shape in weight_shapes(cfg).items():
+        if key == "wcls" and source.shared:
+            weights[key] = weights["token_embedding_table"]
+            continue
+        out = np.empty(shape, np.float32)
+        if key in LAYERED:
+            for layer in range(cfg["n_layers"]):
+                out[layer] = source.tensor(key, layer)
+        else:
+            out[...] = source.tensor(key)
+        weights[key] = out
+    return dict(source.config), weights, source.shared
+
 
 def read_model(path, log=None):
-    """Read a llama2.c model file, v0, v1 or v2, into (config, weights, shared): weights are
-    float32 arrays named and shaped like run.c's TransformerWeights (see weight_shapes), v2 ones
-    dequantized; weights["wcls"] is weights["token_embedding_table"] when shared."""
-    log = log or _silent
-    with open(path, "rb") as fh:
-        header = formats.parse_header(fh.read(HEADER_SIZE), path)
-        formats.check_header(header, path)
-        formats.check_file_size(header, os.fstat(fh.fileno()).st_size, path)
-        version, cfg, shared = header.version, header.config, header.shared_classifier
-        group_size = header.group_size
-        shapes = weight_shapes(cfg)
-        fh.seek(header.size)
-
-        def fp32(shape):
-            return np.fromfile(fh, "<f4", math.prod(shape)).astype(np.float32, copy=False) \
-                .reshape(shape)
-
-        weights = {}
-        if version == 0:
-            for name in V0_ORDER:
-                weights[name] = fp32(shapes[name])
-            head_size = cfg["dim"] // cfg["n_heads"]
-            fh.seek(2 * cfg["seq_len"] * (head_size // 2) * 4, os.SEEK_CUR)  # freq_cis tables
-            if not shared:
-                weights["wcls"] = fp32(shapes["wcls"])
-        elif version == 1:
-            for name in NORMS + _tensor_names(shared):
-                weights[name] = fp32(shapes[name])
-        else:
-            for name in NORMS:
-                weights[name] = fp32(shapes[name])
-            for name in _tensor_names(shared):
-                out = np.empty(shapes[name], np.float32)
-                for piece in _pieces(name, out):
-                    q = np.fromfile(fh, np.int8, piece.size)
-                    scale = np.fromfile(fh, "<f4", piece.size // group_size)
-                    piece[...] = _dequantize(q, scale, piece.shape)
-                weights[name] = out
-        if shared:
-            weights["wcls"] = weights["token_embedding_table"]
-    log(f"read {path}: version {version}, {cfg}, {'shared' if shared else 'separate'} classifier")
-    return cfg, weights, shared
+    """Read a llama2.c model file, v0 to v3, into (config, weights, shared): weights are
+    float32 arrays named and shaped like run.c's TransformerWeights (see weight_shapes), Q8_0 ones
+    dequantized; weights["wcls"] is weights["token_embedding_table"] when shared. A v3 file's
+    model parameters are in config (see model_params)."""
+    return gather(FileSource(path, log))
 
 
 # ---------------------------------------------------------------------------- writing
@@ -247,9 +369,13 @@ def _config_ints(cfg):
     return [cfg[key] for key in CONFIG_KEYS]
 
 
-def _write_header(fh, version, cfg, shared, extra=b""):
-    head = struct.pack("<Ii7iB", MAGIC, version, *_config_ints(cfg), shared) + extra
-    fh.write(head + b"\0" * (HEADER_SIZE - len(head)))  # no tell(): the output may be a pipe
+def _header_bytes(version, cfg, shared, group_size, rope, norm_eps):
+    head = struct.pack("<Ii7iB", MAGIC, version, *_config_ints(cfg), shared)
+    if version >= 2:
+        head += struct.pack("<i", group_size)
+    if version == 3:
+        head += b"\0" * (formats.V3_PARAMS_OFFSET - len(head)) + formats.pack_v3_params(rope, norm_eps)
+    return head + b"\0" * (HEADER_SIZE - len(head))
 
 
 def rope_tables(config, start=0, stop=None):
@@ -264,69 +390,125 @@ def rope_tables(config, start=0, stop=None):
     return np.cos(angles), np.sin(angles)
 
 
+QUANTIZE_VALUES = 1 << 22  # values quantized at a time: temporaries stay a few times 16 MB
+
+
+def _write_q80(fh, array, group_size):
+    """One tensor as Q8_0 (its int8 values, then its scales), quantized a slice of groups at a
+    time; returns the largest absolute error."""
+    flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+    if flat.size % group_size:
+        raise ExportError(f"{flat.size} values do not split into groups of {group_size}")
+    step = max(group_size, QUANTIZE_VALUES // group_size * group_size)
+    scales, error = [], 0.0
+    for start in range(0, flat.size, step):
+        q, scale, piece_error = quantize_q80(flat[start:start + step], group_size)
+        _write(fh, q, np.int8)
+        scales.append(scale)
+        error = max(error, piece_error)
+    _write(fh, np.concatenate(scales) if scales else np.empty(0, np.float32), "<f4")
+    return error
+
+
+def _checked(source, key, layer, shapes):
+    """source's tensor, which must have the config's shape."""
+    tensor = source.tensor(key, layer)
+    shape = shapes[key][1:] if key in LAYERED else shapes[key]
+    if np.shape(tensor) != shape:
+        where = f"{key} of layer {layer}" if key in LAYERED else key
+        raise ExportError(f"weights: {where} has shape {np.shape(tensor)}, the config says {shape}")
+    return tensor
+
+
+def _each(source, key, cfg, shapes):
+    """The pieces of weight key in file order: each layer's, or the whole tensor."""
+    for layer in (range(cfg["n_layers"]) if key in LAYERED else (None,)):
+        yield _checked(source, key, layer, shapes)
+
+
 # The writers replace path only with a complete file (llama2_cython.files.atomic_write): an error,
 # Ctrl-C or kill part-way leaves the old file as it was.
 
+def write_model(path, version, source, group_size=64, *, back_off=True, log=None):
+    """Write source (see sources above) as a llama2.c file: version 0 (legacy, run.c), 1 (fp32)
+    or 2 (Q8_0, with group_size backed off as choose_group_size says, or refused with
+    back_off=False). A model that run.c's constants would compute wrongly (model_params) is
+    written as v3 with the tensors of v1 or v2; version 0 cannot hold it and refuses. Reads and
+    writes one tensor at a time. Returns the group size used (0 for fp32)."""
+    log = log or _silent
+    cfg = _check_config(source.config, "config")
+    rope, norm_eps = model_params(source.config)
+    shared = source.shared
+    shapes = weight_shapes(cfg)
+    llama2 = formats.is_llama2(rope, norm_eps)
+    if version == 0 and not llama2:
+        raise ExportError(f"version 0 cannot hold this model ({formats.describe_model(rope, norm_eps)}: "
+                          f"run.c would compute it with base 10000 and epsilon 1e-5); write "
+                          f"--version 1 or 2, which write it as version 3")
+    group_size = choose_group_size(cfg, group_size, back_off) if version == 2 else 0
+    file_version = version if llama2 else 3
+    if file_version == 3:
+        log(f"{formats.describe_model(rope, norm_eps)}: writing version 3 "
+            f"({'Q8_0' if group_size else 'fp32'} tensors), which upstream's run.c/runq.c refuse")
+    max_error = 0.0
+    with atomic_write(path) as fh:
+        if version == 0:
+            header = _config_ints(cfg)
+            if not shared:
+                header[CONFIG_KEYS.index("vocab_size")] *= -1
+            fh.write(struct.pack("<7i", *header))
+            for key in V0_ORDER:
+                for piece in _each(source, key, cfg, shapes):
+                    _write(fh, piece, "<f4")
+                log(f"wrote {key} {shapes[key]}")
+            # all of freq_cis_real, then all of freq_cis_imag, a block of rows at a time: seq_len
+            # can be large, and nothing else is sized by it
+            for part in (0, 1):
+                for start in range(0, cfg["seq_len"], ROPE_ROWS):
+                    _write(fh, rope_tables(cfg, start, min(start + ROPE_ROWS, cfg["seq_len"]))[part],
+                           "<f4")
+            if not shared:
+                _write(fh, _checked(source, "wcls", None, shapes), "<f4")
+                log(f"wrote wcls {shapes['wcls']}")
+            return 0
+        fh.write(_header_bytes(file_version, cfg, shared, group_size, rope, norm_eps))
+        for key in NORMS:
+            for piece in _each(source, key, cfg, shapes):
+                _write(fh, piece, "<f4")
+        for key in _tensor_names(shared):
+            if not group_size:
+                for piece in _each(source, key, cfg, shapes):
+                    _write(fh, piece, "<f4")
+                log(f"wrote {key} {shapes[key]}")
+                continue
+            error = 0.0
+            for piece in _each(source, key, cfg, shapes):
+                error = max(error, _write_q80(fh, piece, group_size))
+            log(f"quantized {key} {shapes[key]} to Q8_0 with max error {error:g}")
+            max_error = max(max_error, error)
+    if group_size:
+        log(f"max quantization group error across all weights: {max_error:g}")
+        log(f"group size: {group_size}")
+    return group_size
+
+
 def write_v0(path, config, weights, shared, log=None):
     """Write the legacy format that upstream run.c reads (version 0)."""
-    log = log or _silent
-    cfg = _check_config(config, "config")
-    _check_weights(cfg, weights, shared)
-    header = _config_ints(cfg)
-    if not shared:
-        header[CONFIG_KEYS.index("vocab_size")] *= -1
-    with atomic_write(path) as fh:
-        fh.write(struct.pack("<7i", *header))
-        for name in V0_ORDER:
-            _write(fh, weights[name], "<f4")
-            log(f"wrote {name} {np.shape(weights[name])}")
-        # all of freq_cis_real, then all of freq_cis_imag, a block of rows at a time: seq_len
-        # can be large, and nothing else is sized by it
-        for part in (0, 1):
-            for start in range(0, cfg["seq_len"], ROPE_ROWS):
-                _write(fh, rope_tables(cfg, start, min(start + ROPE_ROWS, cfg["seq_len"]))[part],
-                       "<f4")
-        if not shared:
-            _write(fh, weights["wcls"], "<f4")
-            log(f"wrote wcls {np.shape(weights['wcls'])}")
+    write_model(path, 0, ArraySource(config, weights, shared), log=log)
 
 
 def write_v1(path, config, weights, shared, log=None):
-    """Write version 1: all weights in float32 after a 256-byte header."""
-    log = log or _silent
-    cfg = _check_config(config, "config")
-    _check_weights(cfg, weights, shared)
-    with atomic_write(path) as fh:
-        _write_header(fh, 1, cfg, shared)
-        for name in NORMS + _tensor_names(shared):
-            _write(fh, weights[name], "<f4")
-            log(f"wrote {name} {np.shape(weights[name])}")
+    """Write version 1: all weights in float32 after a 256-byte header (v3 for a model that
+    run.c's constants do not compute)."""
+    write_model(path, 1, ArraySource(config, weights, shared), log=log)
 
 
 def write_v2(path, config, weights, shared, group_size=64, *, back_off=True, log=None):
-    """Write version 2 (Q8_0, for runq), with group_size backed off as choose_group_size says
-    (or refused, with back_off=False). Returns the group size used."""
-    log = log or _silent
-    cfg = _check_config(config, "config")
-    _check_weights(cfg, weights, shared)
-    group_size = choose_group_size(cfg, group_size, back_off)
-    max_error = 0.0
-    with atomic_write(path) as fh:
-        _write_header(fh, 2, cfg, shared, struct.pack("<i", group_size))
-        for name in NORMS:
-            _write(fh, weights[name], "<f4")
-        for name in _tensor_names(shared):
-            error = 0.0
-            for piece in _pieces(name, np.asarray(weights[name])):
-                q, scale, piece_error = quantize_q80(piece, group_size)
-                _write(fh, q, np.int8)
-                _write(fh, scale, "<f4")
-                error = max(error, piece_error)
-            log(f"quantized {name} {np.shape(weights[name])} to Q8_0 with max error {error:g}")
-            max_error = max(max_error, error)
-    log(f"max quantization group error across all weights: {max_error:g}")
-    log(f"group size: {group_size}")
-    return group_size
+    """Write version 2 (Q8_0, for runq; v3 for a model that run.c's constants do not compute),
+    with group_size backed off as choose_group_size says (or refused, with back_off=False).
+    Returns the group size used."""
+    return write_model(path, 2, ArraySource(config, weights, shared), group_size,
+                       back_off=back_off, log=log)
 
 
 # ---------------------------------------------------------------------------- making weights
@@ -352,39 +534,41 @@ def random_model(config, seed=0, shared=True):
     return weights
 
 
-def _gather(cfg, names, load, shared, log):
-    """Weights in run.c's layout from a source where load(name) gives one tensor by its name in
-    `names`; per-layer tensors are stacked into preallocated arrays."""
-    weights = {}
-    for key, shape in weight_shapes(cfg).items():
-        if key == "wcls" and shared:
-            weights[key] = weights["token_embedding_table"]
-            continue
-        names_shapes = ([(names[key].format(i), shape[1:]) for i in range(cfg["n_layers"])]
-                        if key in LAYERED else [(names[key], shape)])
-        out = np.empty(shape, np.float32)
-        for piece, (name, piece_shape) in zip(_pieces(key, out), names_shapes):
-            tensor = load(name)
-            if tensor.shape != piece_shape:
-                raise ExportError(f"{name} has shape {tensor.shape}, the config says {piece_shape}")
-            piece[...] = tensor
-        weights[key] = out
-        log(f"read {key} {shape}")
-    return weights
+class NamedSource:
+    """A source whose tensors a function gives by their name in a checkpoint: names maps run.c's
+    keys to them ("{}" for the layer), load(name) gives one as an array (any float dtype)."""
+
+    def __init__(self, config, shared, names, load, log=None):
+        self.config, self.shared, self._names, self._load = config, shared, names, load
+        self._log = log or _silent
+
+    def tensor(self, key, layer=None):
+        name = self._names[key].format(layer)
+        tensor = np.asarray(self._load(name), dtype=np.float32)
+        shape = weight_shapes(_check_config(self.config, "config"))[key]
+        shape = shape[1:] if key in LAYERED else shape
+        if tensor.shape != shape:
+            raise ExportError(f"{name} has shape {tensor.shape}, the config says {shape}")
+        if layer in (None, self.config["n_layers"] - 1):
+            self._log(f"read {key}")
+        return tensor
 
 
-def weights_from_state_dict(state_dict, model_args, log=None):
-    """(config, weights, shared) from a llama2.c train.py checkpoint's 'model' state_dict (as
-    NumPy arrays) and its 'model_args'. hidden_dim comes from w1's shape: model_args has only
-    multiple_of, from which model.py derives it."""
+def state_dict_source(state_dict, model_args, log=None, convert=np.asarray):
+    """A source (see sources above) over a llama2.c train.py checkpoint's 'model' state_dict and
+    its 'model_args'; convert(value) makes a state_dict value a NumPy array, when it is asked for.
+    hidden_dim comes from w1's shape: model_args has only multiple_of, from which model.py derives
+    it."""
     prefix = "_orig_mod."  # torch.compile'd models save their keys under this prefix
     state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
     def load(name):
         if name not in state:
             raise ExportError(f"checkpoint: no tensor {name}")
-        return np.asarray(state[name])
+        return convert(state[name])
 
+    if not isinstance(model_args, dict):
+        raise ExportError(f"checkpoint: model_args is {type(model_args).__name__}, not a dict")
     try:
         config = dict(dim=model_args["dim"],
                       hidden_dim=load(CHECKPOINT_NAMES["w1"].format(0)).shape[0],
@@ -397,25 +581,38 @@ def weights_from_state_dict(state_dict, model_args, log=None):
     # model.py ties output.weight to tok_embeddings.weight; the state_dict holds both.
     shared = ("output.weight" not in state
               or np.array_equal(load("output.weight"), load("tok_embeddings.weight")))
-    return cfg, _gather(cfg, CHECKPOINT_NAMES, load, shared, log or _silent), shared
+    return NamedSource(cfg, shared, CHECKPOINT_NAMES, load, log)
 
 
-def load_checkpoint(path, log=None):
-    """(config, weights, shared) from a llama2.c train.py checkpoint (.pt); needs PyTorch."""
+def weights_from_state_dict(state_dict, model_args, log=None):
+    """(config, weights, shared) from a llama2.c train.py checkpoint's 'model' state_dict (as
+    NumPy arrays) and its 'model_args'."""
+    return gather(state_dict_source(state_dict, model_args, log))
+
+
+def checkpoint_source(path, log=None):
+    """A source over a llama2.c train.py checkpoint (.pt); needs PyTorch. The file is mapped
+    (torch.load's mmap), so each tensor is read when the writer asks for it."""
     try:
         import torch
     except ImportError:
         raise ExportError("--checkpoint needs PyTorch (pip install torch)") from None
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code
+        # weights_only: no pickled code runs
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         state_dict, model_args = checkpoint["model"], checkpoint["model_args"]
     except OSError:
         raise  # the CLI reports file errors as such
     except Exception as e:  # torch.load fails in many ways on files that are not checkpoints
         first_line = (str(e).strip().splitlines() or [""])[0]  # torch's messages run to pages
         raise ExportError(f"{path}: not a llama2.c checkpoint ({type(e).__name__}: {first_line})") from None
-    state = {name: tensor.detach().to(torch.float32).numpy() for name, tensor in state_dict.items()}
-    return weights_from_state_dict(state, model_args, log)
+    return state_dict_source(state_dict, model_args, log,
+                             lambda tensor: tensor.detach().to(torch.float32).numpy())
+
+
+def load_checkpoint(path, log=None):
+    """(config, weights, shared) from a llama2.c train.py checkpoint (.pt); needs PyTorch."""
+    return gather(checkpoint_source(path, log))
 
 
 # ---------------------------------------------------------------------------- Hugging Face
@@ -440,7 +637,7 @@ HF_SHAPE_KEYS = {
     "rms_final_weight": "[hidden_size]",
     "wcls": "[vocab_size, hidden_size]",
 }
-ROPE_THETA = 10000.0  # run.c's RoPE base
+ROPE_THETA = formats.ROPE_THETA  # run.c's RoPE base
 RMS_NORM_EPS = 1e-5  # run.c's RMSNorm epsilon
 # tensors that older transformers saved and that hold nothing but base-10000 RoPE frequencies,
 # compared within two units in the last place of their dtype
@@ -515,30 +712,44 @@ def _hf_config(config_path):
     for key, part in (("attention_bias", "attention"), ("mlp_bias", "feed-forward")):
         if hf.get(key, False) is not False:
             refuse(key, f"run.c's {part} has no biases")
-    if hf.get("rms_norm_eps", RMS_NORM_EPS) != RMS_NORM_EPS:
-        refuse("rms_norm_eps", f"run.c's RMSNorm uses {RMS_NORM_EPS}")
-    if hf.get("rope_theta", ROPE_THETA) != ROPE_THETA:
-        refuse("rope_theta", f"run.c's RoPE base is {ROPE_THETA:g}")
-    scaling = hf.get("rope_scaling")
-    if scaling is not None and scaling not in ({"type": "default"}, {"rope_type": "default"}):
-        refuse("rope_scaling", "run.c has no RoPE scaling")
+    # RMSNorm epsilon, RoPE base and scaling: run.c's are written as v1/v2, others as v3
+    eps = hf.get("rms_norm_eps", RMS_NORM_EPS)
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool):
+        refuse("rms_norm_eps", "not a number")
+    theta, scaling = hf.get("rope_theta", ROPE_THETA), hf.get("rope_scaling")
     if "rope_parameters" in hf:  # transformers 5.x: the base and any scaling live here
         rope = hf["rope_parameters"]
         if not isinstance(rope, dict):
             refuse("rope_parameters", "not a JSON object")
-        for key, value in rope.items():
-            if key == "rope_theta" and value != ROPE_THETA:
-                refuse("rope_parameters.rope_theta", f"run.c's RoPE base is {ROPE_THETA:g}")
-            elif key == "rope_type" and value != "default":
-                refuse("rope_parameters.rope_type", "run.c has no RoPE scaling")
-            elif key not in ("rope_theta", "rope_type"):
-                refuse(f"rope_parameters.{key}", "run.c has no RoPE scaling")
+        if "rope_theta" in hf and hf["rope_theta"] != rope.get("rope_theta", ROPE_THETA):
+            refuse("rope_theta", "not rope_parameters.rope_theta")
+        if scaling is not None:
+            refuse("rope_scaling", "beside rope_parameters (which of the two?)")
+        theta = rope.get("rope_theta", ROPE_THETA)
+        scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
+        where = "rope_parameters"
+    else:
+        where = "rope_scaling"
+    if not isinstance(theta, numbers.Real) or isinstance(theta, bool):
+        refuse("rope_theta" if where == "rope_scaling" else "rope_parameters.rope_theta",
+               "not a number")
+    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        extra = sorted(set(scaling) - {"rope_type", "type"})
+        if extra:
+            refuse(f"{where}.{extra[0]}", "a parameter of no RoPE scaling (rope_type default)")
+        scaling = None
+    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) not in \
+            ("linear", "llama3"):
+        key = "rope_type" if "rope_type" in scaling else "type"
+        refuse(f"{where}.{key}", "run and runq compute no RoPE scaling but linear and llama3")
+    rope, norm_eps = model_params(dict(rope_theta=theta, norm_eps=eps, rope_scaling=scaling),
+                                  config_path, where)
     if hf.get("quantization_config") is not None:
         refuse("quantization_config", "quantized checkpoints are not read, only float tensors")
     tied = hf.get("tie_word_embeddings", False)  # LlamaConfig's default
     if not isinstance(tied, bool):
         refuse("tie_word_embeddings", "not true or false")
-    return cfg, tied
+    return dict(cfg, **params_config(rope, norm_eps)), tied
 
 
 def _safetensors_index(path):
@@ -638,11 +849,13 @@ def _hf_tensors(folder, cfg, tied):
                 raise ExportError(f"{path}: tensor {name} differs from the embedding table, but "
                                   f"config.json has tie_word_embeddings true")
         elif name in inv_freq:
-            inv = 1.0 / (ROPE_THETA ** (np.arange(0, head_size, 2, dtype=np.float32) / head_size))
+            # old transformers saved the base's frequencies (before any scaling)
+            theta = cfg.get("rope_theta", ROPE_THETA)
+            inv = 1.0 / (theta ** (np.arange(0, head_size, 2, dtype=np.float32) / head_size))
             got, rtol = _load_safetensor(index, name), INV_FREQ_RTOL[index[name][2]]
             if got.shape != inv.shape or not np.allclose(got, inv, rtol=rtol, atol=0):
                 raise ExportError(f"{path}: tensor {name} holds other RoPE frequencies than "
-                                  f"run.c's base {ROPE_THETA:g}")
+                                  f"config.json's base {theta:g}")
         elif name.endswith(".bias"):
             raise ExportError(f"{path}: tensor {name} is a bias; run.c's layers have none")
         elif re.match(r"model\.layers\.\d+\.", name):
@@ -666,26 +879,36 @@ def _load_safetensor(index, name):
 def _unpermute(w, n_heads):
     """Undo the permutation HF's convert_llama_weights_to_hf.py applies to each head's wq / wk
     rows: it moves the interleaved (even, odd) rotary pairs that run.c's RoPE rotates into two
-    halves. w is stacked over layers: (n_layers, n_heads * head_size, dim)."""
-    layers, rows, cols = w.shape
-    halves = w.reshape(layers, n_heads, 2, rows // n_heads // 2, cols)
-    return np.ascontiguousarray(halves.transpose(0, 1, 3, 2, 4)).reshape(layers, rows, cols)
+    halves. w is one layer's (n_heads * head_size, dim)."""
+    rows, cols = w.shape
+    halves = w.reshape(n_heads, 2, rows // n_heads // 2, cols)
+    return np.ascontiguousarray(halves.transpose(0, 2, 1, 3)).reshape(rows, cols)
+
+
+class HFSource(NamedSource):
+    """A source over a Hugging Face Llama folder: config.json and *.safetensors (float32, float16
+    or bfloat16). Converts exactly what transformers' LlamaForCausalLM computes, or refuses
+    (ExportError naming the key or tensor) before reading any weight; each tensor is read from
+    its file when asked for, wq and wk with HF's rotary permutation undone."""
+
+    def __init__(self, folder, log=None):
+        config_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_path):
+            raise ExportError(f"{folder}: no config.json, not a Hugging Face model folder")
+        cfg, tied = _hf_config(config_path)
+        index = _hf_tensors(folder, cfg, tied)
+        super().__init__(cfg, tied, HF_NAMES, lambda name: _load_safetensor(index, name), log)
+
+    def tensor(self, key, layer=None):
+        tensor = super().tensor(key, layer)
+        if key in ("wq", "wk"):
+            tensor = _unpermute(tensor, self.config["n_heads" if key == "wq" else "n_kv_heads"])
+        return tensor
 
 
 def load_hf(folder, log=None):
-    """(config, weights, shared) from a Hugging Face Llama folder: config.json and *.safetensors
-    (float32, float16 or bfloat16). Converts exactly what transformers' LlamaForCausalLM computes,
-    or refuses (ExportError naming the key or tensor) before reading any weight."""
-    log = log or _silent
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise ExportError(f"{folder}: no config.json, not a Hugging Face model folder")
-    cfg, tied = _hf_config(config_path)
-    index = _hf_tensors(folder, cfg, tied)
-    weights = _gather(cfg, HF_NAMES, lambda name: _load_safetensor(index, name), tied, log)
-    weights["wq"] = _unpermute(weights["wq"], cfg["n_heads"])
-    weights["wk"] = _unpermute(weights["wk"], cfg["n_kv_heads"])
-    return cfg, weights, tied
+    """(config, weights, shared) from a Hugging Face Llama folder, all in memory (HFSource)."""
+    return gather(HFSource(folder, log))
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -727,27 +950,23 @@ def main(argv=None):
         if not os.path.isdir(out_dir):  # say so before a long conversion, not after it
             raise ExportError(f"{out_dir}: no such directory")
         if args.bin:
-            config, weights, shared = read_model(args.bin, progress)
+            source = FileSource(args.bin, progress)
         elif args.checkpoint:
-            config, weights, shared = load_checkpoint(args.checkpoint, progress)
+            source = checkpoint_source(args.checkpoint, progress)
         else:
-            config, weights, shared = load_hf(args.hf, progress)
-        if args.version == 0:
-            write_v0(args.filepath, config, weights, shared, log=progress)
-        elif args.version == 1:
-            write_v1(args.filepath, config, weights, shared, log=progress)
-        elif args.group_size is None:
-            write_v2(args.filepath, config, weights, shared, log=progress)
-        else:
-            write_v2(args.filepath, config, weights, shared, args.group_size, back_off=False,
-                     log=progress)
+            source = HFSource(args.hf, progress)
+        # one tensor at a time from the source to the file
+        write_model(args.filepath, args.version, source,
+                    64 if args.group_size is None else args.group_size,
+                    back_off=args.group_size is None, log=progress)
+        written = args.version if formats.is_llama2(*model_params(source.config)) else 3
     except (ExportError, OSError) as e:
         print(f"export.py: error: {_message(e)}", file=sys.stderr)
         return 1
     except MemoryError:
         print(f"export.py: error: out of memory converting {source_path}", file=sys.stderr)
         return 1
-    print(f"wrote {args.filepath} (version {args.version})")
+    print(f"wrote {args.filepath} (version {written})")
     return 0
 
 
