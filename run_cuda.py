@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 import run
+from llama2_cython.formats import rope_frequencies
 
 CUDA_DIR = Path(__file__).resolve().parent / "cuda"
 MATVEC_THREADS = 128  # 4 warps; each warp works on one weight row (or row pair) at a time
@@ -149,7 +150,11 @@ class CudaTransformer:
         self._cuda = cuda
         cpu = run.Transformer(checkpoint_path)
         self.config = dict(cpu.config)
+        self.header = cpu.header
         c = self.config
+        # the model's RMSNorm epsilon and RoPE frequencies: run.c's, or a v3 file's (rope.pxi)
+        self._norm_eps = np.float32(cpu.header.norm_eps)
+        self._rope_table = rope_table(cpu.header)
         dim, n_heads, n_kv_heads = c["dim"], c["n_heads"], c["n_kv_heads"]
         head_size = dim // n_heads  # run.Transformer checked: whole heads, even head_size
         kv_dim = dim * n_kv_heads // n_heads
@@ -184,7 +189,7 @@ class CudaTransformer:
 
         self._embed = _Launch(cuda, modules["embed"].get_function("embed"), "PPii",
                               -(-dim // EMBED_THREADS), EMBED_THREADS, 0, "the embedding copy")
-        self._qkv_rope = matvec("qkv_rope", "PPPPPPPPiiii", (dim + 2 * kv_dim) // 2, dim,
+        self._qkv_rope = matvec("qkv_rope", "PPPPPPPPPiiiif", (dim + 2 * kv_dim) // 2, dim,
                                 f"the qkv matmul (dim {dim})")
         attention = modules["attention"].get_function("attention")
         # one thread per position while they fit in a block: more would only idle at every barrier
@@ -198,11 +203,11 @@ class CudaTransformer:
                                   (head_size + attention_threads + seq_len) * FLOAT_BYTES,
                                   f"the attention kernel (seq_len {seq_len})")
         self._wo = matvec("matmul_residual", "PPPii", dim, dim, f"the wo matmul (dim {dim})")
-        self._ffn_swiglu = matvec("ffn_swiglu", "PPPPPii", hidden_dim, dim,
+        self._ffn_swiglu = matvec("ffn_swiglu", "PPPPPiif", hidden_dim, dim,
                                   f"the w1/w3 matmul (dim {dim})")
         self._w2 = matvec("matmul_residual", "PPPii", dim, hidden_dim,
                           f"the w2 matmul (hidden_dim {hidden_dim})")
-        self._classifier = matvec("rmsnorm_matmul", "PPPPii", vocab_size, dim,
+        self._classifier = matvec("rmsnorm_matmul", "PPPPiif", vocab_size, dim,
                                   f"the classifier matmul (dim {dim})")
 
         self._memory = []  # keeps the device allocations alive; the kernels get plain addresses
@@ -216,6 +221,7 @@ class CudaTransformer:
             cuda.memset_d32(self._memory[-1], 0, count)
             return int(self._memory[-1])
 
+        self._rope_freqs = to_gpu(self._rope_table)
         self._token_embedding_table = to_gpu(w["token_embedding_table"])
         self._rms_final = to_gpu(w["rms_final_weight"])
         shared_classifier = np.may_share_memory(w["wcls"], w["token_embedding_table"])
@@ -259,16 +265,29 @@ class CudaTransformer:
         for layer in self._layers:
             self._qkv_rope(x, layer.rms_att_weight, layer.wq, layer.wk, layer.wv,
                            q, layer.key_cache + cache_row, layer.value_cache + cache_row,
-                           dim, kv_dim, head_size, pos)
+                           self._rope_freqs, dim, kv_dim, head_size, pos, self._norm_eps)
             self._attention(q, layer.key_cache, layer.value_cache, xb, pos, kv_dim, head_size, kv_mul)
             self._wo(x, layer.wo, xb, dim, dim)
-            self._ffn_swiglu(x, layer.rms_ffn_weight, layer.w1, layer.w3, hb, dim, hidden_dim)
+            self._ffn_swiglu(x, layer.rms_ffn_weight, layer.w1, layer.w3, hb, dim, hidden_dim,
+                             self._norm_eps)
             self._w2(x, layer.w2, hb, hidden_dim, dim)
-        self._classifier(self._logits, x, self._rms_final, self._wcls, dim, vocab_size)
+        self._classifier(self._logits, x, self._rms_final, self._wcls, dim, vocab_size,
+                         self._norm_eps)
 
         logits = np.empty(vocab_size, dtype=np.float32)
         self._cuda.memcpy_dtoh(logits, self._logits)  # waits for the kernels
         return logits
+
+
+def rope_table(header):
+    """The head_size / 2 RoPE frequencies qkv_rope rotates with, as float32: a v3 file's
+    (llama2_cython.formats.rope_frequencies), or run.c's 1 / 10000^(head_dim / head_size)."""
+    table = rope_frequencies(header)
+    if table is not None:
+        return np.array(table, dtype=np.float32)
+    head_size = header.config["dim"] // header.config["n_heads"]
+    exponents = np.arange(0, head_size, 2, dtype=np.float32) / np.float32(head_size)
+    return (np.float32(1.0) / np.power(np.float32(10000.0), exponents)).astype(np.float32)
 
 
 def main(argv=None):

@@ -29,8 +29,9 @@ __device__ void stage_input(float* xs, const float* x, int n)
     __syncthreads();
 }
 
-// xs = run.c's rmsnorm(x, weight) (n floats), by the whole block.
-__device__ void stage_rmsnorm(float* xs, const float* x, const float* weight, int n)
+// xs = run.c's rmsnorm(x, weight) (n floats), by the whole block; eps is run.c's 1e-5f or the
+// model file's (v3).
+__device__ void stage_rmsnorm(float* xs, const float* x, const float* weight, int n, float eps)
 {
     __shared__ float scratch[WARP_SIZE];
     float ss = 0.0f;
@@ -38,7 +39,7 @@ __device__ void stage_rmsnorm(float* xs, const float* x, const float* weight, in
         ss += x[j] * x[j];
     ss = block_sum(ss, scratch);
     ss /= n;
-    ss += 1e-5f;
+    ss += eps;
     ss = 1.0f / sqrtf(ss);
     for (int j = threadIdx.x; j < n; j += blockDim.x)
         xs[j] = weight[j] * (ss * x[j]);
@@ -71,14 +72,15 @@ __device__ float row_dot(const float* __restrict__ w, const float* xs, int n, bo
 // q, k, v = wq, wk, wv @ rmsnorm(x), then RoPE on q and k: run.c's attention rmsnorm, qkv matmuls
 // and RoPE loop. k and v point at this position's row of the KV cache, so they land there directly.
 // The rows of wq, wk and wv count as one (dim + 2 * kv_dim)-row matrix; a warp takes the pair of
-// rows (i, i + 1) that RoPE rotates together.
+// rows (i, i + 1) that RoPE rotates together. rope_freqs holds the head_size / 2 frequencies
+// (run.c's 1 / 10000^(head_dim / head_size), or a v3 file's), computed once on the host.
 __global__ void qkv_rope(const float* x, const float* rms_weight,
                          const float* wq, const float* wk, const float* wv,
-                         float* q, float* k, float* v,
-                         int dim, int kv_dim, int head_size, int pos)
+                         float* q, float* k, float* v, const float* rope_freqs,
+                         int dim, int kv_dim, int head_size, int pos, float eps)
 {
     extern __shared__ __align__(16) float xs[];
-    stage_rmsnorm(xs, x, rms_weight, dim);
+    stage_rmsnorm(xs, x, rms_weight, dim, eps);
     bool vec4 = dim % 4 == 0 && aligned16(wq) && aligned16(wk) && aligned16(wv);
     int pairs = (dim + 2 * kv_dim) / 2;
     for (int pair = first_item(); pair < pairs; pair += item_stride()) {
@@ -99,7 +101,7 @@ __global__ void qkv_rope(const float* x, const float* rms_weight,
             continue;
         if (row < dim + kv_dim) {  // q or k: rotate
             int head_dim = i % head_size;
-            float freq = 1.0f / powf(10000.0f, head_dim / (float)head_size);
+            float freq = rope_freqs[head_dim / 2];
             float val = pos * freq;
             float fcr = cosf(val);
             float fci = sinf(val);
@@ -128,10 +130,10 @@ __global__ void matmul_residual(float* x, const float* w, const float* xin, int 
 // hb = silu(w1 @ rmsnorm(x)) * (w3 @ rmsnorm(x)): run.c's ffn rmsnorm, w1 and w3 matmuls and
 // SwiGLU; a warp takes row i of both w1 and w3.
 __global__ void ffn_swiglu(const float* x, const float* rms_weight, const float* w1, const float* w3,
-                           float* hb, int dim, int hidden_dim)
+                           float* hb, int dim, int hidden_dim, float eps)
 {
     extern __shared__ __align__(16) float xs[];
-    stage_rmsnorm(xs, x, rms_weight, dim);
+    stage_rmsnorm(xs, x, rms_weight, dim, eps);
     bool vec4 = dim % 4 == 0 && aligned16(w1) && aligned16(w3);
     for (int i = first_item(); i < hidden_dim; i += item_stride()) {
         float val = row_dot(w1 + (size_t)i * dim, xs, dim, vec4);
@@ -143,10 +145,10 @@ __global__ void ffn_swiglu(const float* x, const float* rms_weight, const float*
 
 // out = w @ rmsnorm(x): run.c's final rmsnorm and classifier matmul.
 __global__ void rmsnorm_matmul(float* out, const float* x, const float* rms_weight, const float* w,
-                               int n, int d)
+                               int n, int d, float eps)
 {
     extern __shared__ __align__(16) float xs[];
-    stage_rmsnorm(xs, x, rms_weight, n);
+    stage_rmsnorm(xs, x, rms_weight, n, eps);
     bool vec4 = n % 4 == 0 && aligned16(w);
     for (int row = first_item(); row < d; row += item_stride()) {
         float val = row_dot(w + (size_t)row * n, xs, n, vec4);

@@ -260,8 +260,8 @@ def test_matches_cpu_port(backend, model, args, stdin):
 # the structure, counted by the emulator
 
 def test_launches_and_bytes_per_token(emulator):
-    """5 launches per layer and 2 per token; the weights go to the device once, only the logits
-    come back."""
+    """5 launches per layer and 2 per token; the weights (and the head_size / 2 RoPE frequencies)
+    go to the device once, only the logits come back."""
     import run
     import run_cuda
     path = str(TESTDATA / "tiny_gqa.bin")
@@ -269,7 +269,8 @@ def test_launches_and_bytes_per_token(emulator):
     model = run_cuda.CudaTransformer(path)
     c = model.config
     weights = {id(array): array.nbytes for array in cpu.weights.values()}
-    assert emulator.counters.htod_bytes == sum(weights.values())
+    rope_table = c["dim"] // c["n_heads"] // 2 * 4
+    assert emulator.counters.htod_bytes == sum(weights.values()) + rope_table
     assert emulator.counters.launches == 0
     emulator.counters.reset()
     tokens = 5
