@@ -15,7 +15,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TESTDATA = REPO / "testdata"
-SOURCES = {"v0": "tiny_mha.bin", "v1": "tiny_mha.v1.bin", "v2": "tiny_mha_q80.bin", "tokenizer": "tok512.bin"}
+SOURCES = {"v0": "tiny_mha.bin", "v1": "tiny_mha.v1.bin", "v2": "tiny_mha_q80.bin",
+           "v3": "tiny_gqa_llama3.v3.bin", "v3q": "tiny_gqa_llama3_q80.v3.bin", "tokenizer": "tok512.bin"}
+# where each kind of file keeps its header's numbers: the 7 config ints; v2's group size; v3's
+# RoPE and RMSNorm fields (floats and ints alike get int32 values written over them)
+HEADER_OFFSETS = {"v0": [4 * i for i in range(7)], "v1": [8 + 4 * i for i in range(7)],
+                  "v2": [8 + 4 * i for i in range(7)] + [37],
+                  "v3": [8 + 4 * i for i in range(7)] + [37] + [48 + 4 * i for i in range(7)]}
+HEADER_OFFSETS["v3q"] = HEADER_OFFSETS["v3"]
+QUANTIZED = ("v2", "v3q")  # loaded by runq
 INTERESTING = [0, 1, -1, 2, 3, 4, 7, 64, 96, 255, 256, 511, 512, 513, 1 << 16, 1 << 20, (1 << 20) + 1,
                1 << 30, 2**31 - 1, -2**31]
 
@@ -25,10 +33,8 @@ def mutate(data, target, rng):
     data = bytearray(data)
     kind = rng.randrange(4)
     if kind == 0:  # header ints
-        first = 8 if target in ("v1", "v2") else 0
-        count = {"v0": 7, "v1": 7, "v2": 9, "tokenizer": 1}[target]
         for _ in range(rng.randint(1, 3)):
-            offset = first + 4 * rng.randrange(count) if target != "tokenizer" else 0
+            offset = rng.choice(HEADER_OFFSETS[target]) if target != "tokenizer" else 0
             if target == "tokenizer" and rng.random() < 0.5:
                 offset = rng.randrange(0, len(data) - 4)  # a piece's score or length
             value = rng.choice(INTERESTING) if rng.random() < 0.7 else rng.randint(-2**31, 2**31 - 1)
@@ -46,7 +52,7 @@ def mutate(data, target, rng):
 
 def load(path, target, forward=True):
     """Loads path as target; returns normally when it is refused cleanly or works."""
-    if target == "v2":
+    if target in QUANTIZED:
         from runq import _runq as mod
     else:
         from run import _run as mod
