@@ -109,7 +109,8 @@ cdef struct BatchState:
 
 @cython.no_gc_clear  # __dealloc__ needs weights_owner: the GC must not clear it first
 cdef class Transformer:
-    """A llama2.c model file (v0 legacy or v1), memory-mapped, with its run state (KV cache)."""
+    """A llama2.c model file with fp32 weights (v0 legacy, v1, v3), memory-mapped, with its run
+    state (KV cache)."""
     # run.c's config and weights; `config` and `weights` are their Python views (properties below)
     cdef Config c_config  # the hyperparameters of the architecture (the blueprint)
     cdef TransformerWeights c_weights  # the weights of the model

@@ -151,7 +151,8 @@ cdef struct BatchState:
 
 @cython.no_gc_clear  # __dealloc__ needs weights_owner: the GC must not clear it first
 cdef class Transformer:
-    """A llama2.c v2 (Q8_0) model file, memory-mapped, with its run state (KV cache)."""
+    """A llama2.c model file with Q8_0 weights (v2, v3), memory-mapped, with its run state (KV
+    cache)."""
     # runq.c's config and weights; `config` and `weights` are their Python views (properties below)
     cdef Config c_config  # the hyperparameters of the architecture (the blueprint)
     cdef TransformerWeights c_weights  # the weights of the model
