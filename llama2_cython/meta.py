@@ -146,6 +146,9 @@ class MetaLlamaSource:
     # ------------------------------------------------------------------------ params.json
 
     def _read_params(self):
+        if not os.path.isdir(self.folder):
+            raise LlamaError(f"{self.folder}: " + ("not a folder" if os.path.exists(self.folder)
+                                                   else "no such folder"))
         path = self._params_path = os.path.join(self.folder, "params.json")
         if not os.path.isfile(path):
             raise LlamaError(f"{self.folder}: no params.json, not a Meta Llama folder")
@@ -202,12 +205,8 @@ class MetaLlamaSource:
 
     def _shard_paths(self):
         """consolidated.00.pth, 01, ... sorted by number, which must run from 0 without gaps."""
-        try:
-            names = os.listdir(self.folder)
-        except NotADirectoryError:
-            raise LlamaError(f"{self.folder}: not a folder") from None
         numbered = {}
-        for name in names:
+        for name in os.listdir(self.folder):
             match = SHARD.fullmatch(name)
             if match:
                 number = int(match.group(1))
@@ -241,7 +240,10 @@ class MetaLlamaSource:
             for name in tensors:
                 if name in expected or name in IGNORED:
                     continue
-                if re.fullmatch(r"layers\.\d+\..*", name):
+                layer = re.match(r"layers\.(\d+)\.", name)
+                if layer and int(layer.group(1)) < n_layers:
+                    raise LlamaError(f"{path}: tensor {name} has no place in a Llama 2 layer")
+                if layer:
                     raise LlamaError(f"{path}: tensor {name} is not part of params.json's "
                                      f"n_layers {n_layers} Llama 2 layers")
                 raise LlamaError(f"{path}: tensor {name} has no place in a Llama 2 model")
@@ -287,7 +289,10 @@ class MetaLlamaSource:
         dim, n_heads = params["dim"], params["n_heads"]
         n_kv_heads = params["n_kv_heads"] or n_heads
         self._axes["token_embedding_table"] = self._embedding_axis(dim)
-        vocab = self._joined_shape("token_embedding_table")[0]
+        vocab, columns = self._joined_shape("token_embedding_table")
+        if columns != dim:
+            raise LlamaError(f"{where}: dim is {dim}, but tok_embeddings.weight makes "
+                             f"[{vocab}, {columns}]")
         if params["vocab_size"] not in (-1, vocab):
             raise LlamaError(f"{where}: vocab_size is {params['vocab_size']}, but "
                              f"tok_embeddings.weight has {vocab} rows")

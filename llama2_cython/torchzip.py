@@ -158,6 +158,7 @@ class Tensor:
                 block = out[r:r + rows]
                 raw = checkpoint.read(start + r * row * item.itemsize, item, block.size)
                 _widen(raw.reshape(block.shape), block)
+                del raw  # before the next block's is allocated
         else:
             # a view with gaps or in another order: map the span it covers and let NumPy walk it
             span = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
