@@ -59,6 +59,7 @@ IGNORED = ("rope.freqs",)  # RoPE frequencies, recomputed by run.c
 DEFAULT_SEQ_LEN = 2048  # what llama2.c's export.py writes for Meta's models (params.json has none)
 ROPE_THETA = 10000.0  # Meta's model.py's default base
 MAX_PARAMS_BYTES = 1 << 20
+INT32_MAX = 2**31 - 1  # llama2.c's header holds int32 sizes
 SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 
 
@@ -115,14 +116,16 @@ class MetaLlamaSource:
     """The weights of a Meta Llama 2 / Code Llama folder as run.c names them, one at a time.
 
     config: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len (ints),
-    rope_theta, norm_eps (floats). seq_len is params.json's max_seq_len when it has one, else
-    seq_len (the argument) when given, else 2048 like llama2.c's export.py. shared: False (Meta's
+    rope_theta, norm_eps (floats). seq_len is the argument when given, else params.json's
+    max_seq_len when it has one (Meta's have none), else 2048 like llama2.c's export.py. shared: False (Meta's
     classifier, output.weight, is a tensor of its own). tensor(key, layer) reads one weight.
     Keeps the shards open until close() or the end of a with block."""
 
     shared = False
 
     def __init__(self, folder, log=None, *, seq_len=None):
+        if seq_len is not None and not (_is_int(seq_len) and seq_len > 0):
+            raise ValueError(f"seq_len must be a positive int, not {seq_len!r}")
         self.folder = os.fspath(folder)
         self._log = log or _silent
         self._shards = []
@@ -131,6 +134,7 @@ class MetaLlamaSource:
             paths = self._shard_paths()
             for path in paths:
                 self._shards.append(torchzip.TorchCheckpoint(path))
+                self._log(f"opened {path}")
             self._dicts = [shard.state_dict() for shard in self._shards]
             self._paths = paths
             self._check_names(params["n_layers"])
@@ -175,12 +179,12 @@ class MetaLlamaSource:
             value = params.get(key)
             if value is None and key in ("n_kv_heads", "max_seq_len", "max_batch_size"):
                 out[key] = None
-            elif not _is_int(value) or value <= 0:
-                refuse(key, "not a positive integer")
+            elif not _is_int(value) or not 0 < value <= INT32_MAX:
+                refuse(key, f"not a positive integer (at most {INT32_MAX})")
             else:
                 out[key] = value
         vocab = params.get("vocab_size", -1)
-        if not _is_int(vocab) or not (vocab == -1 or vocab > 0):
+        if not _is_int(vocab) or not (vocab == -1 or 0 < vocab <= INT32_MAX):
             refuse("vocab_size", "not a positive integer or -1 (take it from the embeddings)")
         out["vocab_size"] = vocab
         for key, default in (("norm_eps", None), ("rope_theta", ROPE_THETA),
@@ -271,6 +275,10 @@ class MetaLlamaSource:
                        else f"split evenly on axis {self._axes[key]}")
                 raise LlamaError(f"{path}: tensor {name} has shape {list(piece.shape)}, but "
                                  f"{self._paths[0]}'s is {list(first.shape)} (it is {how})")
+        for path, piece in zip(self._paths, pieces):
+            if piece.numel > piece.storage.numel:  # e.g. a stride-0 (expanded) view
+                raise LlamaError(f"{path}: tensor {name} has {piece.numel} elements, more than "
+                                 f"the {piece.storage.numel} of its storage: not a weight")
         shape = list(first.shape)
         if self._axes[key] is not None:
             shape[self._axes[key]] *= len(pieces)
@@ -303,10 +311,8 @@ class MetaLlamaSource:
                 f"{where}: dim {dim}, multiple_of {params['multiple_of']} and ffn_dim_multiplier "
                 f"{_show(params['ffn_dim_multiplier'])} give a hidden_dim of {implied}, but "
                 f"layers.0.feed_forward.w1.weight has {hidden} rows")
-        if params["max_seq_len"] is not None:
-            seq_len = params["max_seq_len"]
-        elif seq_len is None:
-            seq_len = DEFAULT_SEQ_LEN
+        if seq_len is None:
+            seq_len = params["max_seq_len"] or DEFAULT_SEQ_LEN
         config = dict(dim=dim, hidden_dim=hidden, n_layers=params["n_layers"], n_heads=n_heads,
                       n_kv_heads=n_kv_heads, vocab_size=vocab, seq_len=seq_len)
         formats.check_config(config, where)

@@ -532,11 +532,13 @@ def test_source_seq_len(tmp_path):
     synth_meta.write_meta_folder(folder, max_seq_len=4096)
     with MetaLlamaSource(folder) as src:
         assert src.config["seq_len"] == 4096
-    synth_meta.write_meta_folder(folder)
-    with MetaLlamaSource(folder, seq_len=512) as src:
+    with MetaLlamaSource(folder, seq_len=512) as src:  # the argument wins
         assert src.config["seq_len"] == 512
+    synth_meta.write_meta_folder(folder)
     with MetaLlamaSource(folder) as src:
         assert src.config["seq_len"] == 2048  # llama2.c export.py's
+    with pytest.raises(ValueError):
+        MetaLlamaSource(folder, seq_len=0)
 
 
 def test_source_interface_misuse(tmp_path):
@@ -599,6 +601,10 @@ def test_source_refuses_a_truncated_shard(tmp_path):
     ({"n_heads": [4]}, "n_heads is [4]: not a positive integer"),
     ({"n_heads": True}, "n_heads is true: not a positive integer"),
     ({"n_kv_heads": 0}, "n_kv_heads is 0: not a positive integer"),
+    # too big for a float (or for llama2.c's int32 header), shown cut short
+    ({"n_layers": 10**400}, "n_layers is 1" + "0" * 56 + "...: not a positive integer (at most "
+                            "2147483647)"),
+    ({"dim": 2**31}, "dim is 2147483648: not a positive integer"),
     ({"multiple_of": ...}, "no multiple_of"),
     ({"norm_eps": "1e-5"}, 'norm_eps is "1e-5": not a positive number'),
     ({"rope_theta": -1}, "rope_theta is -1: not a positive number"),
@@ -663,6 +669,9 @@ def test_source_refuses_shards_that_disagree(torch, tmp_path):
     assert "tensor layers.0.attention.bias has no place in a Llama 2 layer" in message, message
     message = refusal({**shard, "attention.bias": torch.zeros(3)})
     assert "tensor attention.bias has no place in a Llama 2 model" in message
+    # a broadcast view: more elements than its storage holds
+    message = refusal({**shard, "norm.weight": torch.ones(1).expand(64)})
+    assert "norm.weight has 64 elements, more than the 1 of its storage" in message, message
     # a non-tensor in the state_dict
     assert "not a tensor" in refusal({**shard, "step": 3})
     # a norm that differs between shards: found when it is read
