@@ -117,9 +117,10 @@ class MetaLlamaSource:
 
     config: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len (ints),
     rope_theta, norm_eps (floats). seq_len is the argument when given, else params.json's
-    max_seq_len when it has one (Meta's have none), else 2048 like llama2.c's export.py. shared: False (Meta's
-    classifier, output.weight, is a tensor of its own). tensor(key, layer) reads one weight.
-    Keeps the shards open until close() or the end of a with block."""
+    max_seq_len when it has one (Meta's have none), else 2048 like llama2.c's export.py.
+    shared: False (Meta's classifier, output.weight, is a tensor of its own).
+    tensor(key, layer) reads one weight. Keeps the shards open until close() or the end of a
+    with block."""
 
     shared = False
 

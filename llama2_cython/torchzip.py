@@ -5,14 +5,16 @@ A checkpoint is a zip archive whose entries all lie under one folder (torch name
 file, e.g. "consolidated.00/"):
   data.pkl     the pickled object (protocol 2); each tensor in it is a call of
                torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, ...) and each
-               storage a persistent id ('storage', torch.BFloat16Storage, key, location, numel)
+               storage a persistent id ('storage', torch.BFloat16Storage, key, location, numel),
+               numel counted in elements (torch 2.x still names the legacy storage classes
+               there, not torch.UntypedStorage and a dtype, for a tensor's storage)
   data/<key>   the storage's bytes, stored uncompressed (torch pads the local headers so that
-               they start at multiples of 64 bytes)
+               the data start at multiples of 64 bytes)
   byteorder    "little" (absent in files of older torch, which wrote little-endian ones)
   version, .format_version, .storage_alignment, .data/serialization_id: not needed here
 
 The pickle is read by an unpickler that knows only the globals a state_dict of float tensors
-needs, each mapped to a function of this module; any other global (os.system, builtins.eval, ...)
+needs, each mapped to a function or a marker of this module; any other global (os.system, builtins.eval, ...)
 is refused, naming it, before anything is called. A tensor comes back as a Tensor: its shape and
 dtype, and methods that read it (bfloat16, float16, float32 or float64) into float32, exactly:
 bfloat16 is the top half of a float32, float16 widens exactly, float64 rounds to nearest.

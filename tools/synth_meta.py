@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import pickle
 import struct
 import sys
