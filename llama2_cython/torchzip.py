@@ -32,6 +32,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 
@@ -47,6 +48,17 @@ STORAGE_DTYPES = {
     "FloatStorage": ("float32", np.dtype("<f4")),
     "DoubleStorage": ("float64", np.dtype("<f8")),
 }
+# the opcodes of pickles of dicts of tensors (protocols 2 to 4, as torch.save may write them);
+# the globals they name are checked by the unpickler's find_class
+PICKLE_OPCODES = frozenset("""
+    PROTO FRAME STOP MARK POP POP_MARK DUP
+    NONE NEWTRUE NEWFALSE INT BININT BININT1 BININT2 LONG LONG1 LONG4 FLOAT BINFLOAT
+    STRING BINSTRING SHORT_BINSTRING UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8
+    EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_LIST LIST APPEND APPENDS
+    EMPTY_DICT DICT SETITEM SETITEMS
+    PUT BINPUT LONG_BINPUT MEMOIZE GET BINGET LONG_BINGET
+    GLOBAL STACK_GLOBAL REDUCE BUILD BINPERSID
+""".split())
 MAX_PICKLE_BYTES = 64 << 20  # a 70B shard's data.pkl is about 100 KB
 MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
 MAX_SIZE = 2**48  # the largest size or stride taken (NumPy's shapes are int64)
@@ -180,6 +192,17 @@ def _widen(raw, out):
         np.copyto(out, raw, casting="same_kind")
 
 
+class StateDict(dict):
+    """What data.pkl's collections.OrderedDict() becomes: a dict (in order) that takes the one
+    attribute torch's state_dict() pickles with it, _metadata (each module's version), as
+    pickle's BUILD gives it; any other attribute is refused (it would shadow a dict method)."""
+
+    def __setstate__(self, state):
+        if not (isinstance(state, dict) and set(state) <= {"_metadata"}):
+            raise TypeError("BUILD on an OrderedDict with other state than _metadata")
+        self._metadata = state.get("_metadata")
+
+
 def _storage_arg(checkpoint, storage, what):
     if not isinstance(storage, Storage):
         checkpoint.refuse(f"data.pkl: {what} is given {_short(type(storage).__name__)}, "
@@ -230,7 +253,7 @@ class _Unpickler(pickle.Unpickler):
             return _rebuild(ckpt, storage, storage_offset, size, stride, "a tensor")
 
         def ordered_dict():
-            return {}  # pickle fills it with SETITEMS; a dict keeps the order too
+            return StateDict()  # pickle fills it with SETITEMS; a dict keeps the order too
 
         self.allowed = {
             ("collections", "OrderedDict"): ordered_dict,
@@ -321,6 +344,7 @@ class TorchCheckpoint:
                     self.refuse(f"byteorder is {_short(text.decode('latin-1'))}, not little "
                                 f"(big-endian checkpoints are not read)")
             data = self._read_small(archive, pickles[0], MAX_PICKLE_BYTES)
+        self._check_opcodes(data)
         unpickler = _Unpickler(io.BytesIO(data), self)
         try:
             self.root = unpickler.load()
@@ -331,6 +355,19 @@ class TorchCheckpoint:
                         f"({type(e).__name__}: {_short(e)})")
         self.storages = unpickler.storages
 
+    def _check_opcodes(self, data):
+        """Refuses a data.pkl with an opcode that no pickled state_dict has (byte arrays, out
+        of band buffers, extension codes, INST/OBJ class calls, ...), scanned before anything
+        is unpickled: only dicts, lists, tuples, numbers, strings, the allowed globals and
+        storages are built."""
+        try:
+            for opcode, _, position in pickletools.genops(data):
+                if opcode.name not in PICKLE_OPCODES:
+                    self.refuse(f"data.pkl has the pickle opcode {opcode.name} at byte "
+                                f"{position}, which a state_dict of tensors does not use")
+        except ValueError as e:  # an unknown opcode, an argument cut short
+            self.refuse(f"data.pkl is not a pickle ({_short(e)})")
+
     def _read_small(self, archive, info, limit):
         """A small record's bytes (data.pkl, byteorder), compressed or not."""
         if info.file_size > limit:
@@ -339,8 +376,10 @@ class TorchCheckpoint:
         try:
             with archive.open(info) as fh:
                 return fh.read(limit + 1)[:limit]
-        except OSError:
-            raise
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: a seek before the file's start
+                raise
+            self.refuse(f"cannot read {_short(info.filename)} (a damaged zip: {_short(e)})")
         except Exception as e:  # a bad CRC, an encrypted or oddly compressed record, ...
             self.refuse(f"cannot read {_short(info.filename)} ({type(e).__name__}: {_short(e)})")
 
@@ -354,6 +393,9 @@ class TorchCheckpoint:
         if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
             self.refuse(f"{_short(info.filename)} is compressed or encrypted (method "
                         f"{info.compress_type}); torch.save stores storages as they are")
+        if not 0 <= info.header_offset < self._size:
+            self.refuse(f"{_short(info.filename)}: its local header's offset "
+                        f"{info.header_offset} is outside the file (a damaged zip)")
         self._file.seek(info.header_offset)
         header = self._file.read(LOCAL_HEADER.size)
         if len(header) != LOCAL_HEADER.size or \

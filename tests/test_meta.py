@@ -217,6 +217,22 @@ def test_torchzip_reads_what_torch_load_reads(torch, tmp_path, root):
         assert tensors["rows"].is_contiguous() is True
 
 
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_torchzip_reads_a_modules_state_dict(torch, tmp_path, protocol):
+    """model.state_dict() pickles with a _metadata attribute (BUILD on the OrderedDict), and
+    torch.save may be asked for another pickle protocol."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4)).to(torch.bfloat16)
+    state = module.state_dict()
+    torch.save(state, tmp_path / "m.pth", pickle_protocol=protocol)
+    with torchzip.TorchCheckpoint(tmp_path / "m.pth") as ckpt:
+        tensors = ckpt.state_dict()
+        assert list(tensors) == list(state)
+        for name, tensor in tensors.items():
+            assert np.array_equal(bits(tensor.numpy()), bits(state[name].float().numpy()))
+        assert tensors._metadata == dict(state._metadata)
+
+
 def test_torchzip_reads_in_blocks_that_fit_its_chunk(torch, tmp_path, monkeypatch):
     """A contiguous tensor is read a block of rows at a time: the blocks join up exactly."""
     gen = torch.Generator().manual_seed(2)
@@ -276,6 +292,29 @@ def test_a_pickle_that_runs_a_command_is_refused_not_run(tmp_path, module, name)
     message = one_line_refusal(MetaLlamaSource, folder)
     assert f"{module}.{name}" in message and "consolidated.00.pth" in message
     assert not marker.exists()
+
+
+def test_pickle_opcodes_no_state_dict_uses_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    # INST calls a class or function named by the opcode itself, with the marked arguments
+    inst = (pickle.PROTO + b"\x02" + pickle.MARK + pickle.BINUNICODE
+            + struct.pack("<I", len(f"touch {marker}")) + f"touch {marker}".encode()
+            + pickle.INST + b"os\nsystem\n" + pickle.STOP)
+    path.write_bytes(zip_bytes({"e/data.pkl": inst}))
+    assert "opcode INST" in one_line_refusal(torchzip.TorchCheckpoint, path)
+    assert not marker.exists()
+    # a byte array that claims 2^62 bytes
+    huge = pickle.PROTO + b"\x05" + pickle.BYTEARRAY8 + struct.pack("<Q", 1 << 62) + pickle.STOP
+    path.write_bytes(zip_bytes({"e/data.pkl": huge}))
+    assert "not a pickle" in one_line_refusal(torchzip.TorchCheckpoint, path)
+    # an OrderedDict given an attribute other than _metadata (it would shadow dict.items)
+    build = (pickle.PROTO + b"\x02" + pickle.GLOBAL + b"collections\nOrderedDict\n"
+             + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.EMPTY_DICT + pickle.BINUNICODE
+             + struct.pack("<I", 5) + b"items" + pickle.NONE + pickle.SETITEM + pickle.BUILD
+             + pickle.STOP)
+    path.write_bytes(zip_bytes({"e/data.pkl": build}))
+    assert "other state than _metadata" in one_line_refusal(torchzip.TorchCheckpoint, path)
 
 
 def test_the_malicious_pickle_would_run(tmp_path):
