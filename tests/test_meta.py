@@ -494,6 +494,23 @@ def test_synth_meta_files_are_what_torch_load_reads(torch, tmp_path, shards, fus
     assert all(offset % 64 == 0 for offset in local_data_offsets(tmp_path / "t.pth").values())
 
 
+def test_synth_meta_zip64_records_stay_aligned(torch, tmp_path, monkeypatch):
+    """Records past 2 GiB (a 70B shard's) get zipfile's zip64 extra field in their local header,
+    which the alignment must count: tried here with zipfile's limit lowered to 3000 bytes."""
+    folder = tmp_path / "m"
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 3000)
+    synth_meta.write_meta_folder(folder, n_layers=1, shards=2)
+    monkeypatch.undo()
+    path = folder / "consolidated.01.pth"
+    with zipfile.ZipFile(path) as z:
+        assert sum(info.file_size > 3000 for info in z.infolist()) > 5
+    assert all(offset % 64 == 0 for offset in local_data_offsets(path).values())
+    loaded = torch.load(path, weights_only=True)
+    with torchzip.TorchCheckpoint(path) as ckpt:
+        for name, tensor in ckpt.state_dict().items():
+            assert np.array_equal(bits(tensor.numpy()), bits(loaded[name].float().numpy()))
+
+
 def test_synth_meta_weights_do_not_depend_on_the_shards(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     synth_meta.write_meta_folder(one, shards=1, seed=5, n_layers=1, vocab=64)
