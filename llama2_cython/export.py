@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Write llama2.c model files: convert between the formats run.c and runq.c read, or export a
-llama2.c train.py checkpoint or a Hugging Face Llama folder. NumPy only; torch is imported only
-for --checkpoint.
+llama2.c train.py checkpoint, a Hugging Face Llama folder or Meta's own Llama 2 / Code Llama
+folder. NumPy only; torch is imported only for --checkpoint.
 
-    python export.py OUT.bin --version {0,1,2} (--bin IN.bin | --checkpoint ckpt.pt | --hf DIR)
-                     [--group-size N]
+    python export.py OUT.bin --version {0,1,2} (--bin IN.bin | --checkpoint ckpt.pt | --hf DIR |
+                     --meta-llama DIR [--seq-len N]) [--group-size N]
 
 The formats (little-endian; [wcls] is there only when the classifier is not shared with the
 token embedding table):
@@ -17,6 +17,9 @@ token embedding table):
   v2 (Q8_0, runq.c): the v1 header with int32 group_size after the shared byte; fp32 norms as
      in v1; then token_embedding_table, wq, wk, wv, wo, w1, w2, w3, [wcls], quantized one layer's
      matrix at a time: its int8 values, then one fp32 scale per group of group_size values.
+  v3: v1's (group_size 0) or v2's tensors after a header that also holds the RoPE base and
+     scaling and the RMSNorm epsilon (llama2_cython/formats.py); written instead of v1 or v2 for
+     a model that run.c's constants would compute wrongly.
 """
 import argparse
 import glob
@@ -33,6 +36,7 @@ import numpy as np
 from llama2_cython import LlamaError, formats
 from llama2_cython.cli import run_command
 from llama2_cython.files import atomic_write
+from llama2_cython.meta import MetaLlamaSource
 
 # the format's rules (header layouts, checks, sizes) are llama2_cython.formats', shared with run
 # and runq; what is here is how the tensors are laid out and converted
@@ -935,15 +939,24 @@ def main(argv=None):
                         help="a llama2.c train.py checkpoint (needs torch)")
     source.add_argument("--hf", metavar="DIR",
                         help="a Hugging Face Llama folder (config.json, *.safetensors)")
+    source.add_argument("--meta-llama", metavar="DIR",
+                        help="Meta's Llama 2 / Code Llama folder (params.json, consolidated.*.pth)")
+    parser.add_argument("--seq-len", type=int, metavar="N",
+                        help="the context length to write for --meta-llama (default 2048, as "
+                             "upstream's export.py; Llama 2 was trained with 4096)")
     args = parser.parse_args(argv)
     if args.group_size is not None and args.version != 2:
         parser.error("--group-size applies to --version 2 only")
+    if args.seq_len is not None and not args.meta_llama:
+        parser.error("--seq-len applies to --meta-llama only (the other sources say theirs)")
+    if args.seq_len is not None and args.seq_len <= 0:
+        parser.error(f"--seq-len {args.seq_len}: the context length must be positive")
 
     def progress(message):
         print(message, file=sys.stderr, flush=True)
 
     try:
-        source_path = args.bin or args.checkpoint or args.hf
+        source_path = args.bin or args.checkpoint or args.hf or args.meta_llama
         if not os.path.exists(source_path):
             raise ExportError(f"{source_path}: no such file or directory")
         out_dir = os.path.dirname(os.path.abspath(args.filepath))
@@ -953,8 +966,10 @@ def main(argv=None):
             source = FileSource(args.bin, progress)
         elif args.checkpoint:
             source = checkpoint_source(args.checkpoint, progress)
-        else:
+        elif args.hf:
             source = HFSource(args.hf, progress)
+        else:
+            source = MetaLlamaSource(args.meta_llama, progress, seq_len=args.seq_len)
         # one tensor at a time from the source to the file
         write_model(args.filepath, args.version, source,
                     64 if args.group_size is None else args.group_size,
