@@ -36,7 +36,7 @@ import numpy as np
 from llama2_cython import LlamaError, formats
 from llama2_cython.cli import run_command
 from llama2_cython.files import atomic_write
-from llama2_cython.meta import MetaLlamaSource
+from llama2_cython.meta import LAYERED, META_NAMES, MetaLlamaSource
 
 # the format's rules (header layouts, checks, sizes) are llama2_cython.formats', shared with run
 # and runq; what is here is how the tensors are laid out and converted
@@ -47,23 +47,10 @@ NORMS = ("rms_att_weight", "rms_ffn_weight", "rms_final_weight")
 MATRICES = ("token_embedding_table", "wq", "wk", "wv", "wo", "w1", "w2", "w3")  # then [wcls]
 V0_ORDER = ("token_embedding_table", "rms_att_weight", "wq", "wk", "wv", "wo", "rms_ffn_weight",
             "w1", "w2", "w3", "rms_final_weight")
-LAYERED = ("rms_att_weight", "wq", "wk", "wv", "wo", "rms_ffn_weight", "w1", "w2", "w3")
 
 # Where each weight lives in a train.py state_dict and in a Hugging Face Llama; "{}" is the layer.
-CHECKPOINT_NAMES = {
-    "token_embedding_table": "tok_embeddings.weight",
-    "rms_att_weight": "layers.{}.attention_norm.weight",
-    "wq": "layers.{}.attention.wq.weight",
-    "wk": "layers.{}.attention.wk.weight",
-    "wv": "layers.{}.attention.wv.weight",
-    "wo": "layers.{}.attention.wo.weight",
-    "rms_ffn_weight": "layers.{}.ffn_norm.weight",
-    "w1": "layers.{}.feed_forward.w1.weight",
-    "w2": "layers.{}.feed_forward.w2.weight",
-    "w3": "layers.{}.feed_forward.w3.weight",
-    "rms_final_weight": "norm.weight",
-    "wcls": "output.weight",
-}
+# llama2.c's train.py (model.py) names its weights as Meta's model.py does
+CHECKPOINT_NAMES = META_NAMES
 HF_NAMES = {
     "token_embedding_table": "model.embed_tokens.weight",
     "rms_att_weight": "model.layers.{}.input_layernorm.weight",
@@ -143,11 +130,6 @@ def _check_weights(config, weights, shared):
 def _tensor_names(shared):
     """The matrices that v2 quantizes, in file order."""
     return MATRICES if shared else MATRICES + ("wcls",)
-
-
-def _pieces(name, array):
-    """What is stored as one tensor: each layer's slice of a stacked weight, or the whole one."""
-    return array if name in LAYERED else (array,)
 
 
 # ---------------------------------------------------------------------------- Q8_0
