@@ -830,8 +830,7 @@ def _hf_tensors(folder, cfg, tied):
     for name in sorted(set(index) - set(expected)):
         path = index[name][0]
         if name == HF_NAMES["wcls"] and tied:
-            if _load_safetensor(index, name).tobytes() != \
-                    _load_safetensor(index, HF_NAMES["token_embedding_table"]).tobytes():
+            if not _same_values(index, name, HF_NAMES["token_embedding_table"]):
                 raise ExportError(f"{path}: tensor {name} differs from the embedding table, but "
                                   f"config.json has tie_word_embeddings true")
         elif name in inv_freq:
@@ -860,6 +859,24 @@ def _load_safetensor(index, name):
     if dtype == "BF16":  # bfloat16 is the top half of a float32
         return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
     return raw.astype(np.float32).reshape(shape)
+
+
+def _same_values(index, first, second, block=1 << 24):
+    """Whether two tensors of the index hold the same float32 values, compared a block of bytes
+    at a time (the embedding table and its copy can be gigabytes each)."""
+    (path1, offset1, dtype1, shape1), (path2, offset2, dtype2, shape2) = index[first], index[second]
+    if shape1 != shape2:
+        return False
+    raw1 = np.memmap(path1, SAFETENSORS_DTYPES[dtype1], "r", offset1, (math.prod(shape1),))
+    raw2 = np.memmap(path2, SAFETENSORS_DTYPES[dtype2], "r", offset2, (math.prod(shape2),))
+    step = max(1, block // raw1.itemsize)
+
+    def widened(raw, dtype):
+        return (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32)
+
+    return all(np.array_equal(widened(raw1[i:i + step], dtype1).view(np.uint32),
+                              widened(raw2[i:i + step], dtype2).view(np.uint32))
+               for i in range(0, raw1.size, step))
 
 
 def _unpermute(w, n_heads):
