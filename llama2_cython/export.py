@@ -766,7 +766,7 @@ def _safetensors_index(path):
         if not isinstance(info, dict):
             raise ExportError(f"{where} is {_show(info)}, not a tensor's description")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise ExportError(f"{where} has dtype {_show(dtype)}, not one of "
                               f"{', '.join(SAFETENSORS_DTYPES)}")
         if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):

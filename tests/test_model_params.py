@@ -14,7 +14,8 @@ import torch
 import transformers
 
 from llama2_cython import formats
-from tests.helpers import BUILDS, REPO, TESTDATA, assert_one_line_error, in_build, run_cli
+from llama2_cython import export
+from tests.helpers import BUILDS, REPO, SHARED, TESTDATA, assert_one_line_error, in_build, run_cli
 
 TOKENS = [3, 200, 17, 99, 5, 250, 42, 42, 7, 131, 64, 12, 180, 2, 77, 151, 9, 33, 240, 1] * 2
 SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -52,7 +53,7 @@ def random_llama(folder, extra, tied, seed=0):
     return logits
 
 
-def export(folder, out, version):
+def convert(folder, out, version):
     proc = subprocess.run([sys.executable, str(REPO / "export.py"), str(out), "--version",
                            str(version), "--hf", str(folder)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -67,8 +68,8 @@ def model(request, tmp_path_factory):
     extra, tied = KINDS[request.param]
     logits = random_llama(folder, extra, tied)
     fp32, q80 = folder / "model.bin", folder / "model_q80.bin"
-    export(folder, fp32, 1)
-    export(folder, q80, 2)
+    convert(folder, fp32, 1)
+    convert(folder, q80, 2)
     return request.param, logits, fp32, q80
 
 
@@ -168,7 +169,7 @@ def test_llama2_models_keep_upstreams_formats(tmp_path):
     """run.c's constants, spelled out in config.json, give v1 and v2 files, not v3."""
     random_llama(tmp_path, dict(rope_theta=10000.0, rms_norm_eps=1e-5), False)
     for version in (1, 2):
-        export(tmp_path, tmp_path / "out.bin", version)
+        convert(tmp_path, tmp_path / "out.bin", version)
         head = (tmp_path / "out.bin").read_bytes()[:formats.HEADER_SIZE]
         assert formats.parse_header(head, "out.bin").version == version
 
@@ -189,7 +190,6 @@ BAD_V3 = {  # (offset, struct format, value): a word of the message
 @pytest.mark.parametrize("patch", sorted(BAD_V3, key=str), ids=str)
 def test_bad_v3_headers_are_refused(tmp_path, patch):
     """One line naming the field, before anything is mapped."""
-    from llama2_cython import export
     config = dict(dim=64, hidden_dim=96, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=256,
                   seq_len=32, rope_theta=1e6)
     weights = export.random_model(config)
@@ -204,3 +204,28 @@ def test_bad_v3_headers_are_refused(tmp_path, patch):
     proc = run_cli("run", [path, "-z", tokenizer, "-n", "2"])
     line = assert_one_line_error(proc)
     assert str(path) in line and BAD_V3[patch] in line, line
+
+
+# config.json of real models (../shared/fixtures/hf_tokenizers: Meta's and TinyLlama's, read
+# from there): what the export would write in the header
+REAL_CONFIGS = {
+    "llama3/Llama-3.2-1B": (formats.Rope(500000.0, "llama3", 32.0, 1.0, 4.0, 8192), 1e-5,
+                            dict(dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8,
+                                 vocab_size=128256, seq_len=131072), True),
+    "llama3/Llama-3.1-8B": (formats.Rope(500000.0, "llama3", 8.0, 1.0, 4.0, 8192), 1e-5,
+                            dict(dim=4096, hidden_dim=14336, n_layers=32, n_heads=32, n_kv_heads=8,
+                                 vocab_size=128256, seq_len=131072), False),
+    "tinyllama": (formats.Rope(), 1e-5, dict(dim=2048, hidden_dim=5632, n_layers=22, n_heads=32,
+                                             n_kv_heads=4, vocab_size=32000, seq_len=2048), False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_real_configs_read_as_transformers_reads_them(name):
+    path = SHARED / "hf_tokenizers" / name / "config.json"
+    if not path.exists():
+        pytest.skip(f"needs {path}")
+    rope, eps, sizes, tied = REAL_CONFIGS[name]
+    config, got_tied = export._hf_config(str(path))
+    assert {key: config[key] for key in sizes} == sizes and got_tied == tied
+    assert export.model_params(config) == (rope, formats.float32(eps))
