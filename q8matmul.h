@@ -432,9 +432,9 @@ static void q8_pack_block_plain(int8_t* pq, float* ps, int64_t block, const int8
 }
 
 /* the same bytes, 64 columns of the 16 rows at a time: loaded, transposed as q8_block16_many
- * transposes them, flipped and stored. Loading a 7B model is mostly this: the byte loop above
- * packed about 1 GB/s, this one is bound by memory. Stores to a 64-byte aligned pq bypass the
- * cache (nothing reads the copy until decode) */
+ * transposes them, flipped and stored: on one core here (AMD EPYC), 45 MB of 7B's w1 packed at
+ * 1-3.5 GB/s with the byte loop above, 10.5 GB/s with this. Stores to a 64-byte aligned pq
+ * bypass the cache (nothing reads the copy until decode) */
 static void q8_pack_block(int8_t* pq, float* ps, int64_t block, const int8_t* wq, const float* ws,
                           int d, int n, int gs) {
     int chunks = (n + 63) / 64, groups = n / gs;

@@ -550,7 +550,10 @@ cdef pack_weights(Transformer t):
         # private anonymous memory, touched only as it is written; huge pages where the kernel
         # gives them on request: fewer page faults while packing, and fewer TLB misses in decode
         # (7B on this project's VM: 1.22 of numpy's sgemv bandwidth with them, 0.86 without)
-        t.packed_map = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE)
+        if hasattr(mmap, "MAP_PRIVATE"):
+            t.packed_map = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE)
+        else:  # Windows: anonymous maps take no flags
+            t.packed_map = mmap.mmap(-1, total)
     except (OSError, ValueError):
         return
     try:
