@@ -284,3 +284,23 @@ def test_cli_warns_once_and_prints_the_same(tmp_path):
                         f"{(size - 1) / 1e9:.1f} GB of memory: "
                         f"every token will be read from disk")
     assert len(lines) == len(normal_lines) + 1 and lines[1].startswith("achieved tok/s")
+
+
+@pytest.mark.skipif(runq.INT8_KERNEL != "avx512vnni", reason="the packed copy is made on AVX-512 VNNI only")
+def test_packed_copy_is_made_while_it_fits_and_given_up_only_when_it_does_not(tmp_path, monkeypatch):
+    """The copy is not given up for being more than half of the machine's memory (13B on 24 GB):
+    only when the memory the kernel says is available cannot hold it, and then the logits are
+    the same, read from the file."""
+    path = tmp_path / "model_q80.bin"
+    config = dict(dim=256, hidden_dim=768, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512, seq_len=16)
+    write_random_q80(path, config, seed=2)
+    size = os.path.getsize(path)
+    expected = runq.Transformer(str(path), pack=False).forward(7, 0)
+    monkeypatch.setattr(formats, "physical_memory", lambda: int(1.5 * size))  # the copy is 2/3 of it
+    packed = runq.Transformer(str(path))
+    assert packed.packed
+    np.testing.assert_array_equal(packed.forward(7, 0), expected)
+    monkeypatch.setattr(formats, "physical_memory", lambda: size // 2)  # no room for the copy
+    unpacked = runq.Transformer(str(path))
+    assert not unpacked.packed
+    np.testing.assert_array_equal(unpacked.forward(7, 0), expected)
