@@ -440,9 +440,10 @@ cdef QuantizedTensor* tensor_of(TransformerWeights* w, name) except NULL:
 # Memory: the file is mapped without MAP_POPULATE (map_model's populate=False), and each job of
 # rows hands its file pages back as soon as it is packed, so that the process holds the file's
 # pages only for the rows being packed beside the copy made so far: at every moment of loading
-# about the file's size, not twice it. Threads: plain Python threads, each packing every n-th job
-# without the GIL. Not OpenMP: a process forked after OpenMP ran (multiprocessing, the fuzz
-# tests) hangs in its first parallel region.
+# about the file's size, not twice it. Threads: pthreads started and joined in C, each packing
+# every n-th job. Not OpenMP: a process forked after OpenMP ran (multiprocessing, the fuzz tests)
+# hangs in its first parallel region. Not Python threads: a Ctrl-C raised in the main thread
+# between two lines of Python could free the copy while a thread still writes into it.
 
 cdef extern from *:
     """
@@ -461,8 +462,44 @@ cdef extern from *:
     #else
     static void runq_drop_pages(const void* p, int64_t bytes) { (void)p; (void)bytes; }
     #endif
+
+    /* fn(arg, i, n) for i = 0 .. n-1, on n threads (the calling one included), returning when all
+     * have returned; a thread that cannot be started runs its share here. One thread without
+     * pthreads (Windows). */
+    typedef void (*runq_share_fn)(void* arg, int64_t first, int64_t step);
+    #if defined(__unix__) || defined(__APPLE__)
+    #include <pthread.h>
+    typedef struct { runq_share_fn fn; void* arg; int64_t first, step; } runq_share;
+    static void* runq_share_main(void* p) {
+        runq_share* s = (runq_share*)p;
+        s->fn(s->arg, s->first, s->step);
+        return NULL;
+    }
+    static void runq_run_shares(runq_share_fn fn, void* arg, int n) {
+        pthread_t threads[64];
+        runq_share shares[64];
+        int started[64] = {0};
+        if (n > 64)
+            n = 64;
+        for (int i = 1; i < n; i++) {
+            shares[i].fn = fn; shares[i].arg = arg; shares[i].first = i; shares[i].step = n;
+            started[i] = pthread_create(&threads[i], NULL, runq_share_main, &shares[i]) == 0;
+        }
+        fn(arg, 0, n);
+        for (int i = 1; i < n; i++) {
+            if (started[i])
+                pthread_join(threads[i], NULL);
+            else
+                fn(arg, i, n);
+        }
+    }
+    #else
+    static void runq_run_shares(runq_share_fn fn, void* arg, int n) { (void)n; fn(arg, 0, 1); }
+    #endif
     """
     void runq_drop_pages(const void* p, int64_t bytes) noexcept nogil
+    ctypedef void (*runq_share_fn)(void* arg, int64_t first, int64_t step) noexcept nogil
+    void runq_run_shares(runq_share_fn fn, void* arg, int n) noexcept nogil
 
 cdef struct PackJob:
     const QuantizedTensor* src  # a matrix (d, n) in the file
@@ -470,9 +507,17 @@ cdef struct PackJob:
     int d, n
     Py_ssize_t block0, block1  # the blocks of 16 rows this job packs
 
-cdef void pack_jobs(const PackJob* jobs, Py_ssize_t n_jobs, Py_ssize_t first, Py_ssize_t step,
-                    int GS) noexcept nogil:
-    # jobs first, first + step, ...: pack their rows, then hand back the file pages they read
+cdef struct PackPlan:
+    PackJob* jobs
+    Py_ssize_t n_jobs
+    int GS
+
+cdef void pack_jobs(void* plan, int64_t first, int64_t step) noexcept nogil:
+    # jobs first, first + step, ... of the PackPlan: pack their rows, then hand back the file
+    # pages they read
+    cdef PackJob* jobs = (<PackPlan*>plan).jobs
+    cdef Py_ssize_t n_jobs = (<PackPlan*>plan).n_jobs
+    cdef int GS = (<PackPlan*>plan).GS
     cdef Py_ssize_t j, block, row0, row1, groups
     cdef const PackJob* job
     j = first
@@ -486,19 +531,6 @@ cdef void pack_jobs(const PackJob* jobs, Py_ssize_t n_jobs, Py_ssize_t first, Py
         groups = job.n // GS
         runq_drop_pages(job.src.q + row0 * job.n, (row1 - row0) * job.n)
         runq_drop_pages(job.src.s + row0 * groups, (row1 - row0) * groups * sizeof(float))
-
-cdef class Packer:
-    # the jobs of one load, for the threads (pack_weights)
-    cdef PackJob* jobs
-    cdef Py_ssize_t n_jobs
-    cdef int GS
-
-    def run(self, Py_ssize_t first, Py_ssize_t step):
-        with nogil:
-            pack_jobs(self.jobs, self.n_jobs, first, step, self.GS)
-
-    def __dealloc__(self):
-        free(self.jobs)
 
 def pack_threads():
     """Threads to pack with: OMP_NUM_THREADS when set (the threads the user gives runq), else
@@ -533,7 +565,7 @@ cdef pack_weights(Transformer t):
     cdef QuantizedTensor* sources[8]
     cdef QuantizedTensor* packed[8]
     cdef PackJob* job
-    cdef Packer packer
+    cdef PackPlan plan
     if not Q8_PACKED or GS not in (32, 64) or dim % GS or hidden_dim % GS:
         return
     # (tensors, rows, columns) of the matrices forward_batch multiplies with, in c_weights' order
@@ -561,15 +593,16 @@ cdef pack_weights(Transformer t):
     except (AttributeError, OSError):  # no such advice here: 4 KB pages
         pass
     t.packed_tensors = <QuantizedTensor*>malloc((7 * L + 1) * sizeof(QuantizedTensor))
-    packer = Packer.__new__(Packer)
     for count, d, n in shapes:
         blocks = (d + 15) // 16
         step = max(1, PACK_JOB_BYTES // (16 * n))
         n_jobs += count * ((blocks + step - 1) // step)
-    packer.jobs = <PackJob*>malloc(n_jobs * sizeof(PackJob))
-    packer.GS = GS
-    if not t.packed_tensors or not packer.jobs:  # then from the mapped file, as elsewhere
+    plan.jobs = <PackJob*>malloc(n_jobs * sizeof(PackJob))
+    plan.n_jobs = 0
+    plan.GS = GS
+    if not t.packed_tensors or not plan.jobs:  # then from the mapped file, as elsewhere
         free(t.packed_tensors)
+        free(plan.jobs)
         t.packed_tensors = NULL
         t.packed_map = None
         return
@@ -587,18 +620,15 @@ cdef pack_weights(Transformer t):
             dst[m].s = <float*>ptr
             ptr += q8_packed_scales(d, n, GS) * sizeof(float)
             for b0 in range(0, blocks, step):
-                job = &packer.jobs[packer.n_jobs]
+                job = &plan.jobs[plan.n_jobs]
                 job.src, job.dst, job.d, job.n = &sources[k][m], &dst[m], d, n
                 job.block0, job.block1 = b0, min(b0 + step, blocks)
-                packer.n_jobs += 1
+                plan.n_jobs += 1
         dst += count
-    threads = [threading.Thread(target=packer.run, args=(i, pack_threads()))
-               for i in range(1, pack_threads())]
-    for thread in threads:
-        thread.start()
-    packer.run(0, pack_threads())
-    for thread in threads:
-        thread.join()
+    cdef int threads = pack_threads()
+    with nogil:
+        runq_run_shares(pack_jobs, &plan, threads)
+    free(plan.jobs)
     t.c_packed.wq, t.c_packed.wk, t.c_packed.wv, t.c_packed.wo = packed[0], packed[1], packed[2], packed[3]
     t.c_packed.w1, t.c_packed.w2, t.c_packed.w3, t.c_packed.wcls = packed[4], packed[5], packed[6], packed[7]
     t.packed = True
