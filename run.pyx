@@ -233,7 +233,7 @@ cdef class Transformer:
 
 cdef void malloc_run_state(RunState* s, Config* p) except *:
     # we calloc instead of malloc to keep valgrind happy
-    cdef size_t kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
+    cdef size_t kv_dim = (<size_t>p.dim * p.n_kv_heads) // p.n_heads
     s.x = <float*>calloc(p.dim, sizeof(float))
     s.xb = <float*>calloc(p.dim, sizeof(float))
     s.xb2 = <float*>calloc(p.dim, sizeof(float))
@@ -411,7 +411,7 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
     cdef RunState* s = &transformer.state
     cdef float* x = s.x
     cdef int dim = p.dim
-    cdef int kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
+    cdef Py_ssize_t kv_dim = (<Py_ssize_t>p.dim * p.n_kv_heads) // p.n_heads  # 64-bit: pos * kv_dim
     cdef int kv_mul = p.n_heads // p.n_kv_heads  # integer multiplier of the kv sharing in multiquery
     cdef int hidden_dim = p.hidden_dim
     cdef int head_size = dim // p.n_heads
@@ -545,7 +545,7 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
 # hoisted reciprocal in one and not the other), so the two agree to rounding only.
 
 cdef void malloc_batch_state(BatchState* b, Config* p) except *:
-    cdef size_t kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
+    cdef size_t kv_dim = (<size_t>p.dim * p.n_kv_heads) // p.n_heads
     b.x = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
     b.xb = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
     b.xb2 = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
@@ -608,7 +608,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     cdef Config* p = &transformer.c_config
     cdef TransformerWeights* w = &transformer.c_weights
     cdef int dim = p.dim
-    cdef int kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
+    cdef Py_ssize_t kv_dim = (<Py_ssize_t>p.dim * p.n_kv_heads) // p.n_heads  # 64-bit: pos * kv_dim
     cdef int kv_mul = p.n_heads // p.n_kv_heads
     cdef int hidden_dim = p.hidden_dim
     cdef int head_size = dim // p.n_heads

@@ -47,7 +47,7 @@ import time as _pytime
 from llama2_cython import LlamaError
 from llama2_cython.api import exclusive_state
 from llama2_cython.cli import ExitStatus, parse_args, read_line
-from llama2_cython.formats import map_model, physical_memory, quantized_tensors, rope_frequencies
+from llama2_cython.formats import available_memory, map_model, quantized_tensors, rope_frequencies
 
 # which of q8matmul.h's kernels this build compiled: "avx512vnni", "avx2" or "plain"
 INT8_KERNEL = (<bytes>Q8_KERNEL).decode("ascii")
@@ -81,7 +81,8 @@ cdef struct QuantizedTensor:
 cdef struct TransformerWeights:
     # token embedding table
     QuantizedTensor* q_tokens  # (vocab_size, dim)
-    float* token_embedding_table  # same, but dequantized
+    # (runq.c also keeps float* token_embedding_table, the whole table dequantized at load: vocab_size
+    # x dim floats, 0.5 GB at 7B, for one row a token. Here forward() dequantizes the token's row.)
     # weights for rmsnorms
     float* rms_att_weight  # (layer, dim) rmsnorm weights
     float* rms_ffn_weight  # (layer, dim)
@@ -177,10 +178,11 @@ cdef class Transformer:
     cdef Transformer weights_owner
     cdef readonly object state_lock
     # forward_batch's weights: c_weights, or where q8matmul.h has a packed layout (pack_weights),
-    # the same with the matrices packed into packed_buffer (owned by the weights' owner)
+    # the same with the matrices packed into packed_map, an anonymous memory map (owned by the
+    # weights' owner)
     cdef TransformerWeights c_packed
     cdef readonly bint packed
-    cdef void* packed_buffer
+    cdef object packed_map
     cdef QuantizedTensor* packed_tensors
 
     def __init__(self, checkpoint_path, *, bint pack=True):
@@ -291,7 +293,7 @@ cdef class Transformer:
 
 cdef void malloc_run_state(RunState* s, Config* p) except *:
     # we calloc instead of malloc to keep valgrind happy
-    cdef size_t kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
+    cdef size_t kv_dim = (<size_t>p.dim * p.n_kv_heads) // p.n_heads
     s.x = <float*>calloc(p.dim, sizeof(float))
     s.xb = <float*>calloc(p.dim, sizeof(float))
     s.xb2 = <float*>calloc(p.dim, sizeof(float))
@@ -344,6 +346,12 @@ cdef void dequantize(const QuantizedTensor* qx, float* x, Py_ssize_t n, int GS) 
     cdef Py_ssize_t i
     for i in range(n):
         x[i] = qx.q[i] * qx.s[i // GS]
+
+cdef void dequantize_row(const QuantizedTensor* qx, float* x, int row, int n, int GS) noexcept nogil:
+    # dequantize()'s values of row `row` of a (rows, n) tensor (not in runq.c: see TransformerWeights)
+    cdef Py_ssize_t i, start = <Py_ssize_t>row * n
+    for i in range(start, start + n):
+        x[i - start] = qx.q[i] * qx.s[i // GS]
 
 cdef void quantize(QuantizedTensor* qx, const float* x, int n, int GS) noexcept nogil:
     # runq.c quantizes n // GS whole groups and leaves the last n % GS values alone (its matmul
@@ -412,12 +420,7 @@ cdef void memory_map_weights(TransformerWeights* w, Config* p, char* ptr, bint s
     # now read all the quantized weights
     ptr = <char*>fptr  # now cast the pointer back to char*
     w.q_tokens = init_quantized_tensors(&ptr, 1, vocab_size * dim, GS)
-    # dequantize token embedding table
-    w.token_embedding_table = <float*>malloc(vocab_size * dim * sizeof(float))
-    if not w.token_embedding_table:
-        raise MemoryError(f"malloc failed for the dequantized token embedding table "
-                          f"({vocab_size * dim * sizeof(float)} bytes)")
-    dequantize(w.q_tokens, w.token_embedding_table, vocab_size * dim, GS)
+    # (runq.c dequantizes the whole token embedding table here: see TransformerWeights)
 
     w.wq = init_quantized_tensors(&ptr, p.n_layers, dim * (p.n_heads * head_size), GS)
     w.wk = init_quantized_tensors(&ptr, p.n_layers, dim * (p.n_kv_heads * head_size), GS)
@@ -445,24 +448,119 @@ cdef QuantizedTensor* tensor_of(TransformerWeights* w, name) except NULL:
 # the file are given back (the kernel keeps them in its page cache): forward_batch reads only
 # the copy, forward() and the `weights` views read the file as before. Every result is the same:
 # the packed kernel adds the same integers and takes the same float steps.
+#
+# Memory: the file is mapped without MAP_POPULATE (map_model's populate=False), and each job of
+# rows hands its file pages back as soon as it is packed, so that the process holds the file's
+# pages only for the rows being packed beside the copy made so far: at every moment of loading
+# about the file's size, not twice it. Threads: pthreads started and joined in C, each packing
+# every n-th job. Not OpenMP: a process forked after OpenMP ran (multiprocessing, the fuzz tests)
+# hangs in its first parallel region. Not Python threads: a Ctrl-C raised in the main thread
+# between two lines of Python could free the copy while a thread still writes into it.
 
-cdef void pack_tensors(QuantizedTensor* dst, const QuantizedTensor* src, int count, int d, int n,
-                       int GS, char** ptr) noexcept nogil:
-    # `count` matrices (d, n) of src into the packed layout at *ptr (64-byte aligned), dst
-    # pointing at them; advances *ptr past them (the sizes are multiples of 64 bytes)
-    cdef Py_ssize_t bytes_q = q8_packed_bytes(d, n)
-    cdef Py_ssize_t bytes_s = q8_packed_scales(d, n, GS) * sizeof(float)
-    cdef Py_ssize_t blocks = (d + 15) // 16
-    cdef Py_ssize_t m, job
-    for m in range(count):
-        dst[m].q = <int8_t*>ptr[0]
-        dst[m].s = <float*>(ptr[0] + bytes_q)
-        ptr[0] += bytes_q + bytes_s
-    # one thread: a process forked after OpenMP ran (multiprocessing, the fuzz tests) can load a
-    # model, but would hang in a parallel region here
-    for job in range(count * blocks):
-        q8_pack_block(dst[job // blocks].q, dst[job // blocks].s, job % blocks,
-                      src[job // blocks].q, src[job // blocks].s, d, n, GS)
+cdef extern from *:
+    """
+    #if defined(__unix__) || defined(__APPLE__)
+    #include <sys/mman.h>
+    #include <unistd.h>
+    /* the whole pages over [p, p + bytes), outward, handed back (MADV_DONTNEED): the file's pages
+     * stay in the page cache, and come back on the next read (refaults of a neighbour's edge page
+     * are cheap and change nothing) */
+    static void runq_drop_pages(const void* p, int64_t bytes) {
+        uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+        uintptr_t start = (uintptr_t)p & ~(page - 1);
+        uintptr_t end = ((uintptr_t)p + (uintptr_t)bytes + page - 1) & ~(page - 1);
+        madvise((void*)start, end - start, MADV_DONTNEED);
+    }
+    #else
+    static void runq_drop_pages(const void* p, int64_t bytes) { (void)p; (void)bytes; }
+    #endif
+
+    /* fn(arg, i, n) for i = 0 .. n-1, on n threads (the calling one included), returning when all
+     * have returned; a thread that cannot be started runs its share here. One thread without
+     * pthreads (Windows). */
+    typedef void (*runq_share_fn)(void* arg, int64_t first, int64_t step);
+    #if defined(__unix__) || defined(__APPLE__)
+    #include <pthread.h>
+    typedef struct { runq_share_fn fn; void* arg; int64_t first, step; } runq_share;
+    static void* runq_share_main(void* p) {
+        runq_share* s = (runq_share*)p;
+        s->fn(s->arg, s->first, s->step);
+        return NULL;
+    }
+    static void runq_run_shares(runq_share_fn fn, void* arg, int n) {
+        pthread_t threads[64];
+        runq_share shares[64];
+        int started[64] = {0};
+        if (n > 64)
+            n = 64;
+        for (int i = 1; i < n; i++) {
+            shares[i].fn = fn; shares[i].arg = arg; shares[i].first = i; shares[i].step = n;
+            started[i] = pthread_create(&threads[i], NULL, runq_share_main, &shares[i]) == 0;
+        }
+        fn(arg, 0, n);
+        for (int i = 1; i < n; i++) {
+            if (started[i])
+                pthread_join(threads[i], NULL);
+            else
+                fn(arg, i, n);
+        }
+    }
+    #else
+    static void runq_run_shares(runq_share_fn fn, void* arg, int n) { (void)n; fn(arg, 0, 1); }
+    #endif
+    """
+    void runq_drop_pages(const void* p, int64_t bytes) noexcept nogil
+    ctypedef void (*runq_share_fn)(void* arg, int64_t first, int64_t step) noexcept nogil
+    void runq_run_shares(runq_share_fn fn, void* arg, int n) noexcept nogil
+
+cdef struct PackJob:
+    const QuantizedTensor* src  # a matrix (d, n) in the file
+    QuantizedTensor* dst  # its packed copy
+    int d, n
+    Py_ssize_t block0, block1  # the blocks of 16 rows this job packs
+
+cdef struct PackPlan:
+    PackJob* jobs
+    Py_ssize_t n_jobs
+    int GS
+
+cdef void pack_jobs(void* plan, int64_t first, int64_t step) noexcept nogil:
+    # jobs first, first + step, ... of the PackPlan: pack their rows, then hand back the file
+    # pages they read
+    cdef PackJob* jobs = (<PackPlan*>plan).jobs
+    cdef Py_ssize_t n_jobs = (<PackPlan*>plan).n_jobs
+    cdef int GS = (<PackPlan*>plan).GS
+    cdef Py_ssize_t j, block, row0, row1, groups
+    cdef const PackJob* job
+    j = first
+    while j < n_jobs:  # (range() with a variable step is not C in Cython)
+        job = &jobs[j]
+        j += step
+        for block in range(job.block0, job.block1):
+            q8_pack_block(job.dst.q, job.dst.s, block, job.src.q, job.src.s, job.d, job.n, GS)
+        row0 = job.block0 * 16
+        row1 = min(job.block1 * 16, <Py_ssize_t>job.d)
+        groups = job.n // GS
+        runq_drop_pages(job.src.q + row0 * job.n, (row1 - row0) * job.n)
+        runq_drop_pages(job.src.s + row0 * groups, (row1 - row0) * groups * sizeof(float))
+
+def pack_threads():
+    """Threads to pack with: OMP_NUM_THREADS when set (the threads the user gives runq), else
+    the CPUs this process may run on."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
+    except ValueError:
+        n = 0
+    if n <= 0:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n)
+
+cdef char* address_of(buffer) except NULL:
+    # the first byte of a writable buffer (an anonymous mmap, which stays where it is)
+    cdef unsigned char[::1] view = buffer
+    return <char*>&view[0]
+
+DEF PACK_JOB_BYTES = 1 << 21  # the file's bytes a job reads (about): its pages are held until it ends
 
 cdef pack_weights(Transformer t):
     # c_packed: c_weights with the matrices packed, where q8matmul.h has the layout (Q8_PACKED),
@@ -470,48 +568,91 @@ cdef pack_weights(Transformer t):
     cdef Config* p = &t.c_config
     cdef TransformerWeights* w = &t.c_weights
     cdef int GS = t.group_size
-    cdef int L = p.n_layers, dim = p.dim, hidden_dim = p.hidden_dim
-    cdef int kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
+    cdef Py_ssize_t L = p.n_layers, dim = p.dim, hidden_dim = p.hidden_dim
+    cdef Py_ssize_t kv_dim = (dim * p.n_kv_heads) // p.n_heads
+    cdef int k, m, count, d, n
+    cdef Py_ssize_t n_jobs = 0, blocks, step, b0
+    cdef char* ptr
+    cdef QuantizedTensor* dst
+    cdef QuantizedTensor* sources[8]
+    cdef QuantizedTensor* packed[8]
+    cdef PackJob* job
+    cdef PackPlan plan
     if not Q8_PACKED or GS not in (32, 64) or dim % GS or hidden_dim % GS:
         return
     # (tensors, rows, columns) of the matrices forward_batch multiplies with, in c_weights' order
+    # (the file's)
     shapes = [(L, dim, dim), (L, kv_dim, dim), (L, kv_dim, dim), (L, dim, dim),
               (L, hidden_dim, dim), (L, dim, hidden_dim), (L, hidden_dim, dim), (1, p.vocab_size, dim)]
     cdef Py_ssize_t total = sum(count * (q8_packed_bytes(d, n) + q8_packed_scales(d, n, GS) * 4)
                                 for count, d, n in shapes)
-    if total > physical_memory() // 2:
-        return  # a model that big runs from the mapped file: slower, but it is not swapped out
-    t.packed_buffer = malloc(total + 63)
-    t.packed_tensors = <QuantizedTensor*>malloc((7 * L + 1) * sizeof(QuantizedTensor))
-    if not t.packed_buffer or not t.packed_tensors:  # then from the mapped file, as elsewhere
-        free(t.packed_buffer)
-        free(t.packed_tensors)
-        t.packed_buffer = NULL
-        t.packed_tensors = NULL
+    # the copy is anonymous memory: without room for it, run from the mapped file (slower, but
+    # nothing is swapped out or killed). The file's own pages are reclaimable page cache.
+    if total > available_memory():
         return
-    cdef char* ptr = <char*>(((<size_t>t.packed_buffer) + 63) & ~(<size_t>63))
-    cdef QuantizedTensor* dst = t.packed_tensors
-    cdef QuantizedTensor* sources[8]
+    try:
+        # private anonymous memory, touched only as it is written; huge pages where the kernel
+        # gives them on request: fewer page faults while packing, and fewer TLB misses in decode
+        # (7B on this project's VM: 1.22 of numpy's sgemv bandwidth with them, 0.86 without)
+        if hasattr(mmap, "MAP_PRIVATE"):
+            t.packed_map = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE)
+        else:  # Windows: anonymous maps take no flags
+            t.packed_map = mmap.mmap(-1, total)
+    except (OSError, ValueError):
+        return
+    try:
+        t.packed_map.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):  # no such advice here: 4 KB pages
+        pass
+    t.packed_tensors = <QuantizedTensor*>malloc((7 * L + 1) * sizeof(QuantizedTensor))
+    for count, d, n in shapes:
+        blocks = (d + 15) // 16
+        step = max(1, PACK_JOB_BYTES // (16 * n))
+        n_jobs += count * ((blocks + step - 1) // step)
+    plan.jobs = <PackJob*>malloc(n_jobs * sizeof(PackJob))
+    plan.n_jobs = 0
+    plan.GS = GS
+    if not t.packed_tensors or not plan.jobs:  # then from the mapped file, as elsewhere
+        free(t.packed_tensors)
+        free(plan.jobs)
+        t.packed_tensors = NULL
+        t.packed_map = None
+        return
+    ptr = address_of(t.packed_map)  # page-aligned; every tensor's size is a multiple of 64
+    dst = t.packed_tensors
     sources[:] = [w.wq, w.wk, w.wv, w.wo, w.w1, w.w2, w.w3, w.wcls]
-    cdef QuantizedTensor* packed[8]
-    cdef int k
-    cdef int count, d, n
     for k in range(8):
         count, d, n = shapes[k]
         packed[k] = dst
-        with nogil:
-            pack_tensors(dst, sources[k], count, d, n, GS, &ptr)
+        blocks = (d + 15) // 16
+        step = max(1, PACK_JOB_BYTES // (16 * n))
+        for m in range(count):
+            dst[m].q = <int8_t*>ptr
+            ptr += q8_packed_bytes(d, n)
+            dst[m].s = <float*>ptr
+            ptr += q8_packed_scales(d, n, GS) * sizeof(float)
+            for b0 in range(0, blocks, step):
+                job = &plan.jobs[plan.n_jobs]
+                job.src, job.dst, job.d, job.n = &sources[k][m], &dst[m], d, n
+                job.block0, job.block1 = b0, min(b0 + step, blocks)
+                plan.n_jobs += 1
         dst += count
+    cdef int threads = pack_threads()
+    with nogil:
+        runq_run_shares(pack_jobs, &plan, threads)
+    free(plan.jobs)
     t.c_packed.wq, t.c_packed.wk, t.c_packed.wv, t.c_packed.wo = packed[0], packed[1], packed[2], packed[3]
     t.c_packed.w1, t.c_packed.w2, t.c_packed.w3, t.c_packed.wcls = packed[4], packed[5], packed[6], packed[7]
     t.packed = True
-    if hasattr(mmap, "MADV_DONTNEED"):
+    if hasattr(mmap, "MADV_DONTNEED"):  # the norms and the embedding rows that were read
         t._mmap.madvise(mmap.MADV_DONTNEED)
 
-cdef read_checkpoint(Transformer t, checkpoint):
+cdef read_checkpoint(Transformer t, checkpoint, bint pack):
     # runq.c freads the header and mmaps the file, trusting every number in it; here map_model
-    # checks the magic number, the version, the group size and every size against the file first
-    header, t._mmap = map_model(checkpoint, True, "runq")
+    # checks the magic number, the version, the group size and every size against the file first.
+    # The pages are mapped at once (populate) unless pack_weights is to copy them: it maps each
+    # piece as it reads it, and lets it go
+    header, t._mmap = map_model(checkpoint, True, "runq", populate=not (pack and Q8_PACKED))
     t._data = t._mmap
     t.c_config = header.config
     t.version = header.version
@@ -529,7 +670,7 @@ cdef read_checkpoint(Transformer t, checkpoint):
 
 cdef build_transformer(Transformer t, checkpoint_path, bint pack):
     # read in the Config and the Weights from the checkpoint
-    read_checkpoint(t, checkpoint_path)
+    read_checkpoint(t, checkpoint_path, pack)
     t.checkpoint_path = os.fsdecode(checkpoint_path)
     t.c_packed = t.c_weights
     if pack:
@@ -554,7 +695,6 @@ cdef void free_transformer(Transformer t) noexcept:
         free_run_state(&t.state)
         return
     free(w.q_tokens)
-    free(w.token_embedding_table)
     free(w.wq)
     free(w.wk)
     free(w.wv)
@@ -566,9 +706,7 @@ cdef void free_transformer(Transformer t) noexcept:
         free(w.wcls)
     memset(w, 0, sizeof(TransformerWeights))
     free(t.packed_tensors)
-    free(t.packed_buffer)
-    t.packed_tensors = NULL
-    t.packed_buffer = NULL
+    t.packed_tensors = NULL  # (packed_map unmaps itself with its last reference)
     # the memory map closes when the last view of it goes
     # free the RunState buffers
     free_run_state(&t.state)
@@ -631,7 +769,7 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
     cdef RunState* s = &transformer.state
     cdef float* x = s.x
     cdef int dim = p.dim
-    cdef int kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
+    cdef Py_ssize_t kv_dim = (<Py_ssize_t>p.dim * p.n_kv_heads) // p.n_heads  # 64-bit: pos * kv_dim
     cdef int kv_mul = p.n_heads // p.n_kv_heads  # integer multiplier of the kv sharing in multiquery
     cdef int hidden_dim = p.hidden_dim
     cdef int head_size = dim // p.n_heads
@@ -648,8 +786,9 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
     cdef float* key_cache_row
     cdef float* value_cache_row
 
-    # copy the token embedding into x
-    memcpy(x, w.token_embedding_table + <Py_ssize_t>token * dim, dim * sizeof(float))
+    # copy the token embedding into x (runq.c copies the row of its dequantized table; here the row
+    # is dequantized: the same products, so the same bits)
+    dequantize_row(w.q_tokens, x, token, dim, GS)
 
     # forward all the layers
     for l in range(p.n_layers):
@@ -772,7 +911,7 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
 # forward_batch), and a token gets the same bits however it is batched.
 
 cdef void malloc_batch_state(BatchState* b, Config* p) except *:
-    cdef size_t kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
+    cdef size_t kv_dim = (<size_t>p.dim * p.n_kv_heads) // p.n_heads
     cdef size_t widest = max(p.dim, p.hidden_dim)
     b.x = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
     b.xb = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
@@ -879,7 +1018,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     cdef TransformerWeights* w = &transformer.c_packed  # c_weights, packed where it can be
     cdef bint packed = transformer.packed
     cdef int dim = p.dim
-    cdef int kv_dim = (p.dim * p.n_kv_heads) // p.n_heads
+    cdef Py_ssize_t kv_dim = (<Py_ssize_t>p.dim * p.n_kv_heads) // p.n_heads  # 64-bit: pos * kv_dim
     cdef int kv_mul = p.n_heads // p.n_kv_heads
     cdef int hidden_dim = p.hidden_dim
     cdef int head_size = dim // p.n_heads
@@ -899,8 +1038,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
 
     # copy the token embeddings into x
     for b in range(B):
-        memcpy(bs.x + b * dim, w.token_embedding_table + <Py_ssize_t>batch[b].token * dim,
-               dim * sizeof(float))
+        dequantize_row(w.q_tokens, bs.x + b * dim, batch[b].token, dim, GS)
 
     # forward all the layers
     for l in range(p.n_layers):

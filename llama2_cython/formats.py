@@ -25,6 +25,7 @@ import mmap
 import numbers
 import os
 import struct
+import sys
 from dataclasses import dataclass
 
 from . import LlamaError
@@ -325,17 +326,33 @@ def physical_memory():
         return 1 << 40
 
 
+def available_memory():
+    """Bytes that can be allocated without pushing anything out to swap or the OOM killer:
+    Linux's MemAvailable (free memory plus the page cache and whatever else it can reclaim), at
+    most physical_memory(); elsewhere physical_memory()."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return min(int(line.split()[1]) * 1024, physical_memory())
+    except (OSError, ValueError, IndexError):
+        pass
+    return physical_memory()
+
+
 def check_file_size(header, file_size, path):
     if file_size != header.file_size():
         raise LlamaError(f"{path}: file is {file_size} bytes but its v{header.version} header "
                          f"({header.describe()}) needs {header.file_size()}")
 
 
-def map_model(checkpoint, quantized, prog):
+def map_model(checkpoint, quantized, prog, populate=True):
     """(Header, read-only mmap) of a model file with Q8_0 tensors (v2, v3 with a group size: runq)
     or with fp32 ones (v0, v1, v3 without: run), as quantized says. Every
     size is checked against the file before the C code makes a pointer into it (run.c and runq.c
-    trust the header)."""
+    trust the header). populate: map every page now (Linux's MAP_POPULATE), unless the file is
+    larger than the machine's memory: then it is mapped as it is read, and a warning on stderr
+    says that every token reads it from disk."""
     path = os.fsdecode(checkpoint)
     try:
         f = open(checkpoint, "rb")
@@ -350,11 +367,18 @@ def map_model(checkpoint, quantized, prog):
         check_header(header, path)
         check_file_size(header, file_size, path)
         check_kv_cache_fits(header.config, f"{path}: bad header")
+        memory = physical_memory()
+        if file_size > memory:
+            # it runs (the page cache keeps what fits), at the disk's pace
+            print(f"{prog}: warning: {path} is {file_size / 1e9:.1f} GB, more than this machine's "
+                  f"{memory / 1e9:.1f} GB of memory: every token will be read from disk",
+                  file=sys.stderr, flush=True)
+            populate = False
         try:
             # MAP_POPULATE (Linux): the pages are mapped now, in one go, instead of one fault at a
             # time during the first token or prompt (every weight is read for each token anyway)
-            return header, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                                     prot=mmap.PROT_READ)
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+            return header, mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
         except (OSError, ValueError) as e:
             raise LlamaError(f"couldn't map {path} ({file_size} bytes) into memory: "
                              f"{getattr(e, 'strerror', None) or e}") from None

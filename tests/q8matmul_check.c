@@ -9,7 +9,8 @@
  *   SIMD paths (the header's top says why).
  * - Where the header has a packed layout (Q8_PACKED: AVX-512 VNNI) and the group size is 32 or
  *   64, the matrix is packed (q8_pack_block) and q8_matmul_block_packed must give what
- *   q8_matmul_block gives, bit for bit, for the same T tokens.
+ *   q8_matmul_block gives, bit for bit, for the same T tokens; and q8_pack_block (vector code)
+ *   must write q8_pack_block_plain's bytes (a block that differs counts as one differing value).
  * Prints the path, the number of values compared, the number that differ from the one-token
  * result, the number that differ from the reference (0 when not checked), the number of values
  * compared from the packed layout and the number of those that differ. */
@@ -45,6 +46,8 @@ int main(int argc, char** argv) {
     static int32_t xsum[MAX_T * STRIDE];
     static int8_t pq[((MAX_D + 15) / 16) * MAX_N * 16 + 64] __attribute__((aligned(64)));
     static float ps[((MAX_D + 15) / 16) * MAX_N * 16] __attribute__((aligned(64))), packed[MAX_T * MAX_D];
+    static int8_t pq_plain[sizeof pq];
+    static float ps_plain[sizeof ps / sizeof(float)];
     long compared_packed = 0, differ_packed = 0;
     static const int sizes[3] = {32, 64, 48};
     int exact = argc > 1 && strcmp(argv[1], "exact") == 0;
@@ -69,8 +72,13 @@ int main(int argc, char** argv) {
         for (int b = 0; b * Q8_ROWS < d; b++)
             q8_matmul_block(out, d, b, x, xsum, xs, T, STRIDE, w, ws, n, gs);
         if (Q8_PACKED && (gs == 32 || gs == 64)) {
-            for (int b = 0; b * 16 < d; b++)
+            for (int b = 0; b * 16 < d; b++) {
                 q8_pack_block(pq, ps, b, w, ws, d, n, gs);
+                q8_pack_block_plain(pq_plain, ps_plain, b, w, ws, d, n, gs);
+            }
+            if (memcmp(pq, pq_plain, q8_packed_bytes(d, n))
+                    || memcmp(ps, ps_plain, q8_packed_scales(d, n, gs) * sizeof(float)))
+                differ_packed++;
             for (int b = 0; b * 16 < d; b++)
                 q8_matmul_block_packed(packed, d, b, x, xsum, xs, T, STRIDE, pq, ps, n, gs);
             for (int i = 0; i < T * d; i++) {

@@ -13,6 +13,11 @@ and the ratio of each build's weight bandwidth to numpy's in the same round.
     python -m tools.alternate DIR [DIR ...] [--program run|runq] [--shape 110M] [--rounds 20]
 
 The same directory twice (an A/A run) shows how far apart two identical builds land.
+
+The big shapes (7B, 13B: runq only) decode a random Q8_0 file (bench.big_shape), fewer
+positions a turn, and numpy's sgemv streams two layers' matrices of the shape in fp32 (the
+whole model would be 27 GB at 7B; two layers, 1.6 GB at 7B, are far beyond any cache): the
+ratio compares bandwidths, the int8 file's bytes per token against numpy's fp32 bytes.
 """
 import argparse
 import os
@@ -32,7 +37,8 @@ kind, model, chunk, cycle = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.
 if kind == "numpy":
     from tools import bench
     import numpy as np
-    matrices = bench.matmul_weights(model)
+    matrices = (bench.layer_matrices(bench.SHAPES[model], 2) if model in bench.BIG
+                else bench.matmul_weights(model))
     vectors = {m.shape[1]: np.ones(m.shape[1], dtype=np.float32) for m in matrices}
     def step():
         for m in matrices:
@@ -79,9 +85,19 @@ def main():
     for build in args.builds:
         if not (build / args.program).is_dir():
             sys.exit(f"alternate: {build} has no {args.program} package")
-    fp32, q80, _ = bench.model_files(args.shape, args.program == "runq")
-    fp32_bytes = sum(m.nbytes for m in bench.matmul_weights(fp32))
-    model, nbytes = (q80, bench.q80_bytes(q80, fp32_bytes)) if args.program == "runq" else (fp32, fp32_bytes)
+    if args.shape in bench.BIG:
+        if args.program != "runq":
+            sys.exit(f"alternate: the {args.shape} shape is for runq only")
+        global CHUNK
+        CHUNK = 4  # tokens a turn (about a second at 7B)
+        model, _ = bench.big_shape(args.shape)
+        nbytes = bench.q80_file_decode_bytes(model)
+        fp32 = args.shape  # the numpy worker makes its own matrices
+        fp32_bytes = sum(m.nbytes for m in bench.layer_matrices(bench.SHAPES[args.shape], 2))
+    else:
+        fp32, q80, _ = bench.model_files(args.shape, args.program == "runq")
+        fp32_bytes = sum(m.nbytes for m in bench.matmul_weights(fp32))
+        model, nbytes = (q80, bench.q80_bytes(q80, fp32_bytes)) if args.program == "runq" else (fp32, fp32_bytes)
     # numpy imported by a build's Transformer must not spin BLAS threads beside the decode
     quiet_blas = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     procs = {"numpy": worker("numpy", fp32, bench.REPO, os.environ)}

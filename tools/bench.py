@@ -27,6 +27,13 @@ against numpy's sgemv.
 
 Last, decode while another program keeps one core busy, against the same decode on one thread
 under the same load (what the port's choice of threads, team.pxi, can at best reach).
+
+The big shapes (--shapes 7B 13B, Llama 2's; by hand, not in CI) run runq alone, on random Q8_0
+files written straight into BENCH_BIG_DIR (default /work/big; 7 and 14 GB): an fp32 7B would be
+27 GB. Their yardsticks stream two layers' matrices of the shape in fp32 (1.6 GB at 7B, far past
+any cache), and every round also loads the model in a process of its own: load time and peak
+resident memory during the load, resident memory after it, and the peak of the decode's process.
+Fewer rounds and steps by default (3 and 32).
 """
 import argparse
 import contextlib
@@ -44,6 +51,7 @@ import numpy as np
 
 import run
 from llama2_cython import export
+from llama2_cython.formats import quantized_tensors
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "build" / "bench"
@@ -51,7 +59,13 @@ SHAPES = {
     "15M": dict(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, seq_len=256),
     "42M": dict(dim=512, hidden_dim=1376, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=32000, seq_len=1024),
     "110M": dict(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000, seq_len=1024),
+    # Llama 2's: runq only, from Q8_0 files written directly (big_shape())
+    "7B": dict(dim=4096, hidden_dim=11008, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, seq_len=4096),
+    "13B": dict(dim=5120, hidden_dim=13824, n_layers=40, n_heads=40, n_kv_heads=40, vocab_size=32000, seq_len=4096),
 }
+BIG = ("7B", "13B")
+# where the big shapes' files go (BENCH_BIG_DIR): 7 and 14 GB
+BIG_DIR = Path(os.environ.get("BENCH_BIG_DIR", "/work/big"))
 # the acceptance targets of the issues (../shared/NOTES.md has the C figures they come from)
 # (issue 13: fp32 at numpy's bandwidth and at least run.c's speed, int8 at 0.8 of the bandwidth on
 # its bytes). The 15M figure stands in for run.c when --c-run is not given: run.c's decode in
@@ -89,6 +103,50 @@ def model_files(name, with_q80):
     if not tok.exists():
         write_tokenizer(tok, 32000)
     return fp32, q80, tok
+
+
+def write_random_q80(path, config, seed=0, group_size=64):
+    """A v2 (Q8_0) file of random weights in config's shape, written tensor by tensor (a 7B
+    model in fp32 would take 27 GB of memory): uniform int8 values with one random scale per
+    group, matrices at about 1/sqrt(fan_in) (uniform int8 times 0.01 overflows to NaN at 7B),
+    the embedding at about 1, norms about 1; a separate classifier, as Llama 2's."""
+    cfg = export._check_config(config, "config")
+    rng = np.random.default_rng(seed)
+    L, dim = cfg["n_layers"], cfg["dim"]
+    int8_std = 127 / 3 ** 0.5  # of uniform integers in [-127, 127]
+    with export.atomic_write(path) as fh:
+        export._write_header(fh, 2, cfg, False, struct.pack("<i", group_size))
+        for count in (L, L, 1):  # rms_att_weight, rms_ffn_weight, rms_final_weight
+            fh.write((1 + 0.1 * rng.standard_normal(count * dim)).astype("<f4").tobytes())
+        for name, count, rows, cols in quantized_tensors(cfg, False):
+            std = 1.0 if name in ("token_embedding_table", "wcls") else cols ** -0.5
+            for _ in range(count):
+                fh.write(rng.integers(-127, 128, rows * cols, dtype=np.int8).tobytes())
+                scales = rng.uniform(0.5, 1.5, rows * cols // group_size) * (std / int8_std)
+                fh.write(scales.astype("<f4").tobytes())
+
+
+def big_shape(name):
+    """The cached random Q8_0 file of a big shape (written once into BIG_DIR) and the tokenizer."""
+    BIG_DIR.mkdir(parents=True, exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    q80, tok = BIG_DIR / f"{name}_q80.bin", CACHE / "tok32000.bin"
+    if not q80.exists():
+        print(f"writing a random {name} Q8_0 file in {BIG_DIR} ...", file=sys.stderr, flush=True)
+        write_random_q80(q80, SHAPES[name])
+    if not tok.exists():
+        write_tokenizer(tok, 32000)
+    return q80, tok
+
+
+def layer_matrices(config, layers):
+    """fp32 matrices in the shapes of `layers` layers of config (random): the big shapes'
+    yardsticks stream these instead of the whole model in fp32 (27 GB at 7B)."""
+    rng = np.random.default_rng(1)
+    L, dim, hidden = config["n_layers"], config["dim"], config["hidden_dim"]
+    kv_dim = config["n_kv_heads"] * (dim // config["n_heads"])
+    shapes = [(dim, dim), (kv_dim, dim), (kv_dim, dim), (dim, dim), (hidden, dim), (hidden, dim), (dim, hidden)]
+    return [rng.standard_normal(shape, dtype=np.float32) for _ in range(layers) for shape in shapes]
 
 
 def matmul_weights(path):
@@ -158,6 +216,19 @@ def q80_bytes(q80, fp32_bytes):
     return fp32_bytes // 4 + fp32_bytes // group_size
 
 
+def q80_file_decode_bytes(q80):
+    """The bytes of a v2 file that a decode reads per token: every matrix but the token
+    embedding table (one row of it), int8 values and float32 scales."""
+    from llama2_cython.formats import parse_header
+    with open(q80, "rb") as f:
+        header = parse_header(f.read(256), str(q80))
+    tensors = quantized_tensors(header.config, header.shared_classifier)
+    if header.shared_classifier:  # the embedding table is the classifier too
+        tensors.append(("wcls", *tensors[0][1:]))
+    return sum(count * rows * cols * (1 + 4 / header.group_size)
+               for name, count, rows, cols in tensors if name != "token_embedding_table")
+
+
 def batched_tok_s(model, sequences, steps):
     """Aggregate tok/s of `sequences` greedy sequences of `steps` positions decoded together
     (Model.generate_batch); each pass of the batch reads the weights once."""
@@ -198,6 +269,73 @@ def rounds(repeats, yardstick, *measures):
             [statistics.median(v / y for v, y in zip(c, ys)) for c in columns])
 
 
+def load_probe(model):
+    """(seconds, peak RSS bytes, RSS bytes after, packed) of runq.Transformer(model), in a fresh
+    process (--load-probe)."""
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "--load-probe", str(model)],
+                          cwd=REPO, capture_output=True, text=True, check=True)
+    seconds, peak, after, packed = proc.stdout.split()
+    return float(seconds), int(peak), int(after), packed == "True"
+
+
+def rss_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def run_with_peak_rss(argv):
+    """(stderr, peak RSS bytes) of a command run to its end (its own rusage, from wait4)."""
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, argv, stderr=stderr)
+    return stderr, usage.ru_maxrss * 1024
+
+
+def big_decode(model, tokenizer, steps):
+    """(tok/s, peak RSS bytes) of `python -m runq` decoding steps tokens greedily."""
+    stderr, peak = run_with_peak_rss([*COMMANDS["runq"], str(model), "-z", str(tokenizer), "-n", str(steps), "-t", "0"])
+    return float(re.search(r"achieved tok/s: ([0-9.]+)", stderr).group(1)), peak
+
+
+def big_shapes(names, repeats, steps):
+    """The rows of the big shapes: runq only (see the docstring)."""
+    print("\nBig shapes (runq on random Q8_0 files; numpy's yardsticks on two layers in fp32):")
+    print("| shape | file | load s | peak RSS in load | RSS after load | packed | decode tok/s | GB/s | "
+          "numpy sgemv GB/s | ratio | decode peak RSS | 128-token prompt tok/s | GFLOP/s | "
+          "numpy sgemm GFLOP/s | ratio |")
+    print("| --- " * 15 + "|")
+    for name in names:
+        q80, tok = big_shape(name)
+        file_bytes = os.path.getsize(q80)
+        nbytes = q80_file_decode_bytes(q80)
+        c = SHAPES[name]
+        # the layers' matrices (the classifier runs for the prompt's last token only)
+        flops_per_token = 2 * sum(count * rows * cols for _, count, rows, cols in quantized_tensors(c, True)[1:])
+        taken = []
+        for _ in range(repeats):
+            load = load_probe(q80)
+            gbps = numpy_yardstick("sgemv", name, 8)
+            decode = big_decode(q80, tok, steps)
+            gflops = numpy_yardstick("sgemm", name, PROMPT_TOKENS)
+            prefill = prefill_tok_s(COMMANDS["runq"], q80, tok)
+            taken.append((load, gbps, decode, gflops, prefill))
+        med = statistics.median
+        load_s, load_peak, load_after = (med(t[0][i] for t in taken) for i in range(3))
+        packed = all(t[0][3] for t in taken)
+        gbps, gflops = med(t[1] for t in taken), med(t[3] for t in taken)
+        tok_s, decode_peak = med(t[2][0] for t in taken), med(t[2][1] for t in taken)
+        ratio = med(t[2][0] * nbytes / 1e9 / t[1] for t in taken)
+        prefill = med(t[4] for t in taken)
+        flop_ratio = med(t[4] * flops_per_token / 1e9 / t[3] for t in taken)
+        print(f"| {name} | {file_bytes / 1e9:.2f} GB | {load_s:.2f} | {load_peak / 1e9:.2f} GB | "
+              f"{load_after / 1e9:.2f} GB | {packed} | {tok_s:.2f} | {tok_s * nbytes / 1e9:.1f} | "
+              f"{gbps:.1f} | {ratio:.2f} | {decode_peak / 1e9:.2f} GB | {prefill:.1f} | "
+              f"{prefill * flops_per_token / 1e9:.0f} | {gflops:.0f} | {flop_ratio:.2f} |", flush=True)
+
+
 def gpu_peak_gbps():
     """(the GPU's name, its memory bandwidth in GB/s from the memory clock and bus width)."""
     import pycuda.autoinit  # noqa: F401  (a context on the first GPU)
@@ -219,21 +357,44 @@ def verdict(ok, text):
 def main():
     if sys.argv[1:2] == ["--yardstick"]:  # numpy_yardstick()'s process
         kind, model, count = sys.argv[2:]
-        if kind == "sgemv":
-            print(numpy_sgemv_gbps(matmul_weights(model), int(count)))
+        if model in BIG:
+            matrices = layer_matrices(SHAPES[model], 2)
         else:
-            print(numpy_sgemm_gflops(matmul_weights(model)[:-1], int(count)))
+            matrices = matmul_weights(model) if kind == "sgemv" else matmul_weights(model)[:-1]
+        if kind == "sgemv":
+            print(numpy_sgemv_gbps(matrices, int(count)))
+        else:
+            print(numpy_sgemm_gflops(matrices, int(count)))
+        return
+    if sys.argv[1:2] == ["--load-probe"]:  # load_probe()'s process
+        import resource
+        import runq
+        start = time.perf_counter()
+        transformer = runq.Transformer(sys.argv[2])
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(seconds, peak, rss_bytes(), transformer.packed)
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["15M", "110M"], choices=sorted(SHAPES))
     ap.add_argument("--programs", nargs="+", default=["run", "runq"], choices=sorted(COMMANDS),
                     help="run_cuda compares with the GPU's memory bandwidth instead of numpy's")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--repeats", type=int, help="default 5 (3 for the big shapes)")
+    ap.add_argument("--steps", type=int, help="default 256 (32 for the big shapes)")
     ap.add_argument("--c-run", metavar="BINARY",
                     help="llama2.c's run built with `make runomp`: decoded in the same rounds, for "
                          "issue 13's 15M target (without it, NOTES.md's run.c figure stands in)")
     args = ap.parse_args()
+    big = [name for name in args.shapes if name in BIG]
+    args.shapes = [name for name in args.shapes if name not in BIG]
+    if big:
+        print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cpus; "
+              f"medians of {args.repeats or 3} rounds, {args.steps or 32} decode steps")
+        big_shapes(big, args.repeats or 3, args.steps or 32)
+        if not args.shapes:
+            return 0
+    args.repeats = args.repeats or 5
+    args.steps = args.steps or 256
     try:
         gpu = gpu_peak_gbps() if "run_cuda" in args.programs else None
     except ImportError as e:
