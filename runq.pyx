@@ -56,8 +56,8 @@ INT8_KERNEL = (<bytes>Q8_KERNEL).decode("ascii")
 # ----------------------------------------------------------------------------
 # Globals
 # runq.c keeps the group size in a global (int GS = 0). Here each Transformer carries its own
-# (Transformer.group_size) and hands it to quantize, dequantize and matmul as their GS argument, so
-# that models with different group sizes can live in one process.
+# (Transformer.group_size) and hands it to quantize, dequantize_row and matmul as their GS
+# argument, so that models with different group sizes can live in one process.
 
 include "team.pxi"  # how many threads decode with
 include "rope.pxi"  # the RoPE frequencies (run.c's, or a v3 file's)
@@ -342,13 +342,9 @@ cdef void free_run_state(RunState* s) noexcept:
 # ----------------------------------------------------------------------------
 # Quantization functions
 
-cdef void dequantize(const QuantizedTensor* qx, float* x, Py_ssize_t n, int GS) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        x[i] = qx.q[i] * qx.s[i // GS]
-
 cdef void dequantize_row(const QuantizedTensor* qx, float* x, int row, int n, int GS) noexcept nogil:
-    # dequantize()'s values of row `row` of a (rows, n) tensor (not in runq.c: see TransformerWeights)
+    # runq.c's dequantize(), for row `row` of a (rows, n) tensor only: runq.c's one caller
+    # dequantizes the whole embedding table at load (see TransformerWeights)
     cdef Py_ssize_t i, start = <Py_ssize_t>row * n
     for i in range(start, start + n):
         x[i - start] = qx.q[i] * qx.s[i // GS]
