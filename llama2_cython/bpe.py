@@ -424,7 +424,7 @@ class _Fields:
                 return value
             if kind is not None and kind is not int and isinstance(value, kind):
                 return value
-        names = " or ".join("null" if k is None else _json_type(k()) for k in kinds)
+        names = " or ".join(dict.fromkeys("null" if k is None else _json_type(k()) for k in kinds))
         self.fail(f"{self.where}.{key} is a {_json_type(value)}, expected {names}")
 
     def sub(self, key, kinds=(dict,), default=KeyError):

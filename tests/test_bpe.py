@@ -22,7 +22,7 @@ CORPUS = [
     "",
     "Hello world",
     "Hello, world! How's it going? I'm fine; you're great, we'll see, they'd know, I've been.",
-    "DON'T SHOUT, WE'LL HEAR. She'S, HE'LL, It'D, You'Re, I'Ve, 'M, 'll 'LL 'lL x'ſ Iſ",
+    "DON'T SHOUT, WE'LL HEAR. She'S, HE'LL, It'D, You'Re, I'Ve, 'M, 'll 'LL 'lL x'ſ Iſ x'ſx 'Sam 'LLama 'REe 'vex 'Dd 'Tt 'mM",
     "Crème brûlée, naïve café, Ångström, façade, jalapeño, Øresund, Łódź, ß ẞ",
     "Съешь же ещё этих мягких французских булок, да выпей чаю.",
     "Ξεσκεπάζω την ψυχοφθόρα βδελυγμία. Αλφαβητάρι",
@@ -168,6 +168,36 @@ def test_unicode_classes_match_tokenizers():
         assert found == expected, theirs
 
 
+def reference_splits(text):
+    """tokenizers' pieces of text under GPT-2's and Llama 3's regexes and the Digits split."""
+    out = {}
+    for name, pattern in (("gpt2", bpe.GPT2_PATTERN), ("llama3", bpe.LLAMA3_PATTERN)):
+        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+        out[name] = [piece for piece, _ in split.pre_tokenize_str(text)]
+    out["digit"] = [p for p, _ in pre_tokenizers.Digits(True).pre_tokenize_str(text)]
+    out["digits"] = [p for p, _ in pre_tokenizers.Digits(False).pre_tokenize_str(text)]
+    return out
+
+
+def our_splits(text):
+    out = {name: bpe._regex(name).findall(text) for name in ("gpt2", "llama3")}
+    for name in ("digit", "digits"):
+        out[name] = [piece for piece in bpe._regex(name).split(text) if piece]
+    return out
+
+
+def test_pre_tokenizer_splits_match_tokenizers():
+    """The pieces themselves, not only the ids (a different split can give the same ids)."""
+    for text in CORPUS + ["x'\u017fx 'Sam 'LLama 'REe", "a\u1c89b \U00016d70\U00016d71\U00016d72z"]:
+        assert our_splits(text) == reference_splits(text), text
+
+
+@RANDOM_SETTINGS
+@given(text=RANDOM_TEXT)
+def test_pre_tokenizer_splits_random(text):
+    assert our_splits(text) == reference_splits(text)
+
+
 def test_encode_and_decode_refuse_bad_arguments(tiny):
     ours = tiny[0]
     for call, message in ((lambda: ours.encode(b"bytes"), "takes a str"),
@@ -228,7 +258,7 @@ BAD_DOCS = [
     (("model", "merges"), [["a", 7]], "is not a pair of tokens"),
     (("model", "merges"), ["x yz"], "'yz' is not in the vocabulary"),
     (("model", "dropout"), 0.1, "BPE dropout is random"),
-    (("model", "dropout"), [0.1], "model.dropout is a list, expected number or number or null"),
+    (("model", "dropout"), [0.1], "model.dropout is a list, expected number or null"),
     (("model", "byte_fallback"), True, "model.byte_fallback = true is not supported"),
     (("model", "ignore_merges"), "yes", "model.ignore_merges is a string, expected boolean"),
     (("model", "continuing_subword_prefix"), "##", "continuing_subword_prefix is set"),
