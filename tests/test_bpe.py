@@ -101,8 +101,11 @@ def train_tiny(path, variant):
                                   special_tokens=["<|bos|>", "<|eot_id|>", "<|im_end|>"])
     tok.train_from_iterator(CORPUS * 3, trainer)
     if variant == "llama3":
-        tok.post_processor = processors.TemplateProcessing(
-            single="<|bos|> $A", special_tokens=[("<|bos|>", tok.token_to_id("<|bos|>"))])
+        # as Llama 3.1's tokenizer.json: ByteLevel (offsets only), then the BOS template
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|bos|> $A", special_tokens=[("<|bos|>", tok.token_to_id("<|bos|>"))])])
     tok.add_tokens(["hello world", "plain"])  # added, not special, normalized
     tok.save(str(path))
     return Tokenizer.from_file(str(path))
@@ -436,18 +439,28 @@ def tiktoken_reference(ours):
 
 
 @pytest.fixture(scope="module")
-def llama3():
+def llama3_ours():
     config = shared("llama3", "Llama-3.2-1B-Instruct", "tokenizer_config.json")
-    ours = bpe.load(shared("llama3", "tokenizer.model"), config=config)
-    return ours, tiktoken_reference(ours)
+    return bpe.load(shared("llama3", "tokenizer.model"), config=config)
+
+
+@pytest.fixture(scope="module")
+def llama3(llama3_ours):
+    return llama3_ours, tiktoken_reference(llama3_ours)
+
+
+def test_llama3_reference_ids(llama3_ours):
+    """The fixture README's ids (found with tiktoken and Llama 3's regex)."""
+    ours = llama3_ours
+    assert ours.encode("Hello, world!") == [128000, 9906, 11, 1917, 0]
+    assert ours.encode(" the", add_special_tokens=False) == [279]
+    assert ours.encode("Once upon a time") == [128000, 12805, 5304, 264, 892]
+    assert ours.encode("Hello world", add_special_tokens=False) == [9906, 1917]
+    assert (ours.vocab_size, ours.bos_id, ours.eos_ids) == (128256, 128000, (128009,))
 
 
 def test_llama3_matches_tiktoken(llama3):
     ours, reference = llama3
-    assert ours.encode("Hello, world!") == [128000, 9906, 11, 1917, 0]
-    assert ours.encode(" the", add_special_tokens=False) == [279]
-    assert ours.encode("Once upon a time") == [128000, 12805, 5304, 264, 892]
-    assert (ours.vocab_size, ours.bos_id, ours.eos_ids) == (128256, 128000, (128009,))
     check_same(ours, lambda t: [128000] + reference.encode(t, allowed_special="all"),
                reference.decode, CORPUS)
     for text in CORPUS:
@@ -457,9 +470,9 @@ def test_llama3_matches_tiktoken(llama3):
     assert ours.piece(128009) == b"<|eot_id|>"
 
 
-def test_llama3_chat_prompt(llama3):
+def test_llama3_chat_prompt(llama3_ours):
     """The fixture README's rendered Llama 3.2 prompt: 41 tokens."""
-    ours = llama3[0]
+    ours = llama3_ours
     prompt = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge "
               "Date: December 2023\nToday Date: 26 Jul 2024\n\nYou are terse.<|eot_id|>"
               "<|start_header_id|>user<|end_header_id|>\n\nHello world<|eot_id|>"
@@ -479,8 +492,8 @@ def test_llama3_random_strings(llama3, text):
     assert ours.decode(ids) == reference.decode(ids)
 
 
-def test_llama3_names_and_eos_by_config(llama3):
-    instruct = llama3[0]
+def test_llama3_names_and_eos_by_config(llama3_ours):
+    instruct = llama3_ours
     bare = bpe.load(shared("llama3", "tokenizer.model"))  # no config beside it: 3.1+ names
     assert [bare.piece(i) for i in range(128000, 128256)] == \
         [instruct.piece(i) for i in range(128000, 128256)]
