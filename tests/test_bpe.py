@@ -505,3 +505,21 @@ def test_llama3_names_and_eos_by_config(llama3_ours):
     assert v30.piece(128004) == b"<|reserved_special_token_2|>"
     assert len(v30.encode("<|finetune_right_pad_id|>", False)) > 1
     assert instruct.encode("<|finetune_right_pad_id|>", False) == [128004]
+
+
+def test_llama3_as_hugging_face_converts_it(tmp_path, llama3_ours):
+    """transformers' conversion of tokenizer.model to a tokenizer.json (how HF's Llama 3 files were
+    made: every split of a token a merge, ignore_merges): tokenizers with it, ours with it and
+    ours with the tiktoken file give the same ids."""
+    converter = pytest.importorskip("transformers.convert_slow_tokenizer").TikTokenConverter
+    specials = [llama3_ours.piece(i).decode() for i in range(128000, 128256)]
+    reference = converter(vocab_file=str(shared("llama3", "tokenizer.model")),
+                          extra_special_tokens=specials).converted()
+    reference.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 128000)])
+    reference.save(str(tmp_path / "tokenizer.json"))
+    ours = bpe.load(tmp_path / "tokenizer.json")
+    assert (ours.vocab_size, ours.bos_id) == (128256, 128000)
+    check_same(ours, lambda t: reference.encode(t).ids, keep_specials(reference), CORPUS)
+    for text in CORPUS:
+        assert ours.encode(text) == llama3_ours.encode(text)
