@@ -126,7 +126,7 @@ def _unicode_classes():
 
 def _regex(name):
     """The compiled Python twin of a known pattern: "gpt2", "llama3", or "digit"/"digits" (one
-    \\p{N}, a run of them: the Digits pre-tokenizer's split, Rust's char::is_numeric being \\p{N})."""
+    \\p{N}, a run of them: the Digits pre-tokenizer's split; Rust's char::is_numeric is \\p{N})."""
     if name not in _regexes:
         L, N, S = _unicode_classes()
         if name == "gpt2":
@@ -429,7 +429,9 @@ class _Fields:
 
     def sub(self, key, kinds=(dict,), default=KeyError):
         value = self.get(key, kinds, default)
-        return _Fields(self.path, value, f"{self.where}.{key}") if isinstance(value, dict) else value
+        if isinstance(value, dict):
+            return _Fields(self.path, value, f"{self.where}.{key}")
+        return value
 
     def false(self, key):
         """A flag we only support off."""
@@ -670,7 +672,14 @@ def _load_tokenizer_json(path, configs):
 
 
 def _load_tiktoken(path, configs):
-    text = _read_text(path)
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read().decode("ascii")
+    except OSError as e:
+        raise LlamaError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise LlamaError(f"{path}: byte {e.start} is not ASCII: not a tiktoken ranks file (a "
+                         f"sentencepiece tokenizer.model goes through tokenizer.py)") from None
     ranks_of = {}
     lines = text.split("\n")
     if lines[-1] == "":

@@ -11,10 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llama2_cython import LlamaError, bpe
-from tests.helpers import SHARED
+from tests.helpers import REPO, SHARED
 
 tokenizers = pytest.importorskip("tokenizers")
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import (Regex, Tokenizer, decoders, models, pre_tokenizers,  # noqa: E402
+                        processors, trainers)
 
 HF = SHARED / "hf_tokenizers"
 
@@ -22,7 +23,8 @@ CORPUS = [
     "",
     "Hello world",
     "Hello, world! How's it going? I'm fine; you're great, we'll see, they'd know, I've been.",
-    "DON'T SHOUT, WE'LL HEAR. She'S, HE'LL, It'D, You'Re, I'Ve, 'M, 'll 'LL 'lL x'ſ Iſ x'ſx 'Sam 'LLama 'REe 'vex 'Dd 'Tt 'mM",
+    "DON'T SHOUT, WE'LL HEAR. She'S, HE'LL, It'D, You'Re, I'Ve, 'M, 'll 'LL 'lL",
+    "x'ſ Iſ x'ſx 'Sam 'LLama 'REe 'vex 'Dd 'Tt 'mM",
     "Crème brûlée, naïve café, Ångström, façade, jalapeño, Øresund, Łódź, ß ẞ",
     "Съешь же ещё этих мягких французских булок, да выпей чаю.",
     "Ξεσκεπάζω την ψυχοφθόρα βδελυγμία. Αλφαβητάρι",
@@ -161,7 +163,8 @@ def test_long_runs_take_the_heap_path(tiny):
 
 
 def test_unicode_classes_match_tokenizers():
-    """\\p{L}, \\p{N} and \\s of our regexes against tokenizers' Oniguruma, over every code point."""
+    """\\p{L}, \\p{N} and \\s of our regexes against tokenizers' Oniguruma, at every code
+    point."""
     every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
     letters, numbers, spaces = bpe._unicode_classes()
     for ours, theirs in ((letters, r"\p{L}"), (numbers, r"\p{N}"), (spaces, r"\s")):
@@ -204,7 +207,8 @@ def test_pre_tokenizer_splits_random(text):
 def test_encode_and_decode_refuse_bad_arguments(tiny):
     ours = tiny[0]
     for call, message in ((lambda: ours.encode(b"bytes"), "takes a str"),
-                          (lambda: ours.encode("ok \ud800 no"), "lone surrogate U\\+D800 at index 3"),
+                          (lambda: ours.encode("ok \ud800 no"),
+                           "lone surrogate U\\+D800 at index 3"),
                           (lambda: ours.decode([1, ours.vocab_size]), "out of range"),
                           (lambda: ours.decode([-1]), "out of range"),
                           (lambda: ours.decode(["a"]), "not an integer"),
@@ -323,11 +327,21 @@ BAD_TIKTOKEN = [
     (TIKTOKEN_LINES[:10] + ["SGVsbG8="], "line 11 is not \"base64-token rank\""),
     (TIKTOKEN_LINES[:10] + ["SGVsb 10"], "line 11 is not \"base64-token rank\""),
     (TIKTOKEN_LINES[:10] + ["SGVsbG8= 1x"], "line 11 is not"),
-    (TIKTOKEN_LINES[:10] + ["SGVsbG8= 12"], "line 11: rank 12 of b'Hello' is not the line's index 10"),
-    (TIKTOKEN_LINES[:10] + [TIKTOKEN_LINES[3].split()[0] + " 10"], "the token is empty or repeated"),
+    (TIKTOKEN_LINES[:10] + ["SGVsbG8= 12"],
+     "line 11: rank 12 of b'Hello' is not the line's index 10"),
+    (TIKTOKEN_LINES[:10] + [TIKTOKEN_LINES[3].split()[0] + " 10"],
+     "the token is empty or repeated"),
     (TIKTOKEN_LINES[:200], "no rank for the single byte 200"),
     (["\x00\x01binary sentencepiece"], "a sentencepiece tokenizer.model goes through"),
 ]
+
+
+def test_sentencepiece_model_is_not_read_as_tiktoken(tmp_path):
+    """A Llama 2 folder's tokenizer.model is a sentencepiece protobuf (here the demo's): binary."""
+    (tmp_path / "tokenizer.model").write_bytes((REPO / "demo" / "stories_tok.model").read_bytes())
+    with pytest.raises(LlamaError, match="is not ASCII: not a tiktoken ranks file") as info:
+        bpe.load(tmp_path)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("lines,message", BAD_TIKTOKEN)
@@ -372,7 +386,8 @@ def test_bad_files_and_configs_are_one_line(tmp_path):
 
 def test_eos_from_configs(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(good_doc()))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|end|>"}}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": {"content": "<|end|>"}}))
     assert bpe.load(tmp_path).eos_ids == (258,)
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [256, 258]}))
     assert bpe.load(tmp_path).eos_ids == (256, 258)
