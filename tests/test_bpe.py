@@ -236,7 +236,7 @@ def good_doc():
         "model": {"type": "BPE", "dropout": None, "unk_token": None,
                   "continuing_subword_prefix": None, "end_of_word_suffix": None,
                   "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": vocab, "merges": ["a b", ["ab", "c"]]},
+                  "vocab": vocab, "merges": ["a b", "ab c"]},
     }
 
 
@@ -249,6 +249,34 @@ def test_minimal_doc_loads(tmp_path):
     assert tok.decode([257, 258], skip_special_tokens=True) == "abc"
     assert tok.piece(bpe.CHAR_BYTES["Ġ"]) == b" " and tok.vocab_size == 259
     assert tok.bos_id is None and tok.eos_ids == ()
+
+
+def test_suffix_template_and_missing_bytes_match_tokenizers(tmp_path):
+    """Cases the real files do not have: a token after the text; bytes without a token, dropped
+    or made <unk> (one per run with fuse_unk), with the bytes around them still merging."""
+    texts = ["abc", "a\x04b", "a\x04\x04\x06bc", "\x04", "x <|end|> ab\x04c", ""]
+    for unk, fuse in ((None, False), ("<unk>", False), ("<unk>", True)):
+        doc = good_doc()
+        tokens = [c for b, c in enumerate(bpe.BYTE_CHARS) if b not in (4, 6)]
+        tokens += ["<unk>", "ab", "abc"]
+        doc["model"]["vocab"] = {token: i for i, token in enumerate(tokens)}
+        doc["model"]["merges"] = [["a", "b"], ["ab", "c"]]
+        doc["model"]["unk_token"], doc["model"]["fuse_unk"] = unk, fuse
+        doc["added_tokens"][0]["id"] = 257
+        doc["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<|end|>", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}},
+                       {"SpecialToken": {"id": "<|end|>", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<|end|>": {"id": "<|end|>", "ids": [257], "tokens": ["<|end|>"]}}}
+        path = tmp_path / "tokenizer.json"
+        path.write_text(json.dumps(doc))
+        ours, reference = bpe.load(path), Tokenizer.from_file(str(path))
+        for text in texts:
+            assert ours.encode(text) == reference.encode(text).ids, (unk, fuse, text)
+        assert ours.bos_id == 257 and ours.encode("") == [257, 257]
 
 
 def set_path(doc, keys, value):
