@@ -68,7 +68,7 @@ LLAMA3_STOP = ("<|end_of_text|>", "<|eot_id|>")  # Meta's stop tokens, when no c
 
 _CACHE_LIMIT = 1 << 17  # pre-tokens whose ids are remembered; the cache empties when full
 _NEVER = 1 << 62  # the rank of a pair that never merges
-_LONG_PIECE = 128  # parts from which _merge_heap is faster than _merge_loop
+_LONG_PIECE = 128  # parts from which _merge_heap beats the quadratic list of ranks
 
 
 def _byte_alphabet():
@@ -246,29 +246,13 @@ class BpeTokenizer:
 
 # -- BPE proper ----------------------------------------------------------------------------------
 
-def _merge_loop(parts, ranks, pair_rank, join):
-    """Merge the lowest-ranked adjacent pair, the leftmost on a tie, until no pair merges: the
-    order of tokenizers' BPE (its queue pops the lowest (rank, position)) and of tiktoken's.
-    ranks[i] is the rank of parts[i], parts[i + 1]. Quadratic (min() and index() run in C), so
-    long pre-tokens go to _merge_heap."""
-    if len(parts) > _LONG_PIECE:
-        return _merge_heap(parts, pair_rank, join)
-    while ranks:
-        best = min(ranks)
-        if best == _NEVER:
-            break
-        i = ranks.index(best)
-        parts[i:i + 2] = [join(parts[i], parts[i + 1])]
-        del ranks[i]
-        if i > 0:
-            ranks[i - 1] = pair_rank(parts[i - 1], parts[i])
-        if i < len(ranks):
-            ranks[i] = pair_rank(parts[i], parts[i + 1])
-    return parts
-
+# Both BPEs merge the lowest-ranked adjacent pair, the leftmost on a tie, until no pair merges: the
+# order of tokenizers' BPE (its queue pops the lowest (rank, position)) and of tiktoken's. A short
+# pre-token keeps a list of its pairs' ranks, spelled out in each BPE for speed (min() and index()
+# run in C, but the loop is quadratic); a long one goes to _merge_heap.
 
 def _merge_heap(parts, pair_rank, join):
-    """_merge_loop's merges in the same order, in n log n: a heap of (rank, position) over a
+    """The same merges in the same order, in n log n: a heap of (rank, position) over a
     linked list; an entry whose two parts changed since it was pushed is stale and skipped."""
     count = len(parts)
     after = list(range(1, count + 1))
@@ -314,13 +298,14 @@ def _merges_bpe(vocab, merges, ignore_merges, unk_id, fuse_unk):
     to (rank, merged id). A byte without a token is dropped, or becomes unk_id (one for a run of
     them when fuse_unk), and the bytes around it can still merge, as in tokenizers."""
     byte_ids = [vocab.get(c) for c in BYTE_CHARS]
-    complete = None not in byte_ids
+    rank_of = {pair: rank for pair, (rank, _) in merges.items()}.get
+    merged_id = {pair: new_id for pair, (_, new_id) in merges.items()}
 
     def pair_rank(left, right):
-        return merges.get((left, right), (_NEVER,))[0]
+        return rank_of((left, right), _NEVER)
 
     def join(left, right):
-        return merges[left, right][1]
+        return merged_id[left, right]
 
     def symbols(data):
         out = []
@@ -341,28 +326,58 @@ def _merges_bpe(vocab, merges, ignore_merges, unk_id, fuse_unk):
             whole = vocab.get(data.decode("latin-1").translate(_LATIN1_TO_BYTE_CHARS))
             if whole is not None:
                 return [whole]
-        parts = [byte_ids[b] for b in data] if complete else symbols(data)
-        ranks = [pair_rank(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
-        return _merge_loop(parts, ranks, pair_rank, join)
+        parts = [byte_ids[b] for b in data]
+        if None in parts:
+            parts = symbols(data)
+        if len(parts) > _LONG_PIECE:
+            return _merge_heap(parts, pair_rank, join)
+        ranks = [rank_of(pair, _NEVER) for pair in zip(parts, parts[1:])]
+        while ranks:
+            best = min(ranks)
+            if best == _NEVER:
+                break
+            i = ranks.index(best)
+            parts[i:i + 2] = [merged_id[parts[i], parts[i + 1]]]
+            del ranks[i]
+            if i > 0:
+                ranks[i - 1] = rank_of((parts[i - 1], parts[i]), _NEVER)
+            if i < len(ranks):
+                ranks[i] = rank_of((parts[i], parts[i + 1]), _NEVER)
+        return parts
     return bpe
 
 
 def _ranks_bpe(ranks_of):
     """tiktoken's BPE: a whole pre-token that is a token stays one; otherwise parts merge by the
     rank of their concatenation."""
+    rank_of = ranks_of.get
+
     def pair_rank(left, right):
-        return ranks_of.get(left + right, _NEVER)
+        return rank_of(left + right, _NEVER)
 
     def join(left, right):
         return left + right
 
     def bpe(data):
-        whole = ranks_of.get(data)
+        whole = rank_of(data)
         if whole is not None:
             return [whole]
         parts = [data[i:i + 1] for i in range(len(data))]
-        ranks = [pair_rank(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
-        return [ranks_of[part] for part in _merge_loop(parts, ranks, pair_rank, join)]
+        if len(parts) > _LONG_PIECE:
+            return [ranks_of[part] for part in _merge_heap(parts, pair_rank, join)]
+        ranks = [rank_of(left + right, _NEVER) for left, right in zip(parts, parts[1:])]
+        while ranks:
+            best = min(ranks)
+            if best == _NEVER:
+                break
+            i = ranks.index(best)
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            del ranks[i]
+            if i > 0:
+                ranks[i - 1] = rank_of(parts[i - 1] + parts[i], _NEVER)
+            if i < len(ranks):
+                ranks[i] = rank_of(parts[i] + parts[i + 1], _NEVER)
+        return [ranks_of[part] for part in parts]
     return bpe
 
 
