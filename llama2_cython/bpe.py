@@ -1,0 +1,850 @@
+"""Byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3) with the standard library alone: the same
+ids and text as Hugging Face's `tokenizers` gives for the same file.
+
+    tok = load("folder/")        # its tokenizer.json, else its tokenizer.model (tiktoken ranks)
+    tok.encode("Hello world")    # Llama 3: [128000, 9906, 1917]
+    tok.decode(ids), tok.piece(id), tok.vocab_size, tok.bos_id, tok.eos_ids
+
+What a tokenizer.json may hold is what these models use: a BPE model over GPT-2's byte-to-unicode
+alphabet, no normalizer, the pre-tokenizers ByteLevel, Split (GPT-2's or Llama 3's regex) and
+Digits, a ByteLevel decoder, TemplateProcessing. Anything else is refused by name rather than
+approximated. A tiktoken file (Meta's Llama 3 tokenizer.model: "base64-bytes rank" per line) is
+read as Hugging Face's converted Llama 3 tokenizer behaves: Llama 3's regex, a merge of two
+adjacent parts ranked by the rank of their concatenation, the special tokens after the ranks
+(named by tokenizer_config.json), BOS put in front by encode().
+
+The pre-tokenizer regexes use \\p{L} and \\p{N}, which Python's `re` lacks: the classes are built
+here from unicodedata, plus the letters and numbers that Unicode 15.0 and 16.0 added (tokenizers'
+Oniguruma and tiktoken use 16.0 tables; Python 3.11 has 14.0). We keep our own code rather than
+depend on `regex` or `tokenizers`, so that `python -m run` needs no package.
+"""
+import base64
+import binascii
+import heapq
+import json
+import os
+import re
+import unicodedata
+
+from . import LlamaError
+
+# Letters (\p{L}) and numbers (\p{N}) new in Unicode 15.0-16.0, as inclusive code point ranges:
+# the difference between tokenizers 0.23's classes and Python 3.11's unicodedata, measured over
+# every code point (tests/test_bpe.py checks the whole table against tokenizers).
+_NEWER_LETTERS = (
+    (0x1C89, 0x1C8A), (0xA7CB, 0xA7CD), (0xA7DA, 0xA7DC), (0x105C0, 0x105F3), (0x10D4A, 0x10D65),
+    (0x10D6F, 0x10D85), (0x10EC2, 0x10EC4), (0x1123F, 0x11240), (0x11380, 0x11389),
+    (0x1138B, 0x1138B), (0x1138E, 0x1138E), (0x11390, 0x113B5), (0x113B7, 0x113B7),
+    (0x113D1, 0x113D1), (0x113D3, 0x113D3), (0x11BC0, 0x11BE0), (0x11F02, 0x11F02),
+    (0x11F04, 0x11F10), (0x11F12, 0x11F33), (0x1342F, 0x1342F), (0x13441, 0x13446),
+    (0x13460, 0x143FA), (0x16100, 0x1611D), (0x16D40, 0x16D6C), (0x18CFF, 0x18CFF),
+    (0x1B132, 0x1B132), (0x1B155, 0x1B155), (0x1DF25, 0x1DF2A), (0x1E030, 0x1E06D),
+    (0x1E4D0, 0x1E4EB), (0x1E5D0, 0x1E5ED), (0x1E5F0, 0x1E5F0), (0x2B739, 0x2B739),
+    (0x2EBF0, 0x2EE5D), (0x31350, 0x323AF))
+_NEWER_NUMBERS = (
+    (0x10D40, 0x10D49), (0x116D0, 0x116E3), (0x11BF0, 0x11BF9), (0x11F50, 0x11F59),
+    (0x16130, 0x16139), (0x16D70, 0x16D79), (0x1CCF0, 0x1CCF9), (0x1D2C0, 0x1D2D3),
+    (0x1E4F0, 0x1E4F9), (0x1E5F1, 0x1E5FA))
+# \s of Oniguruma and of Rust's regex: Unicode's White_Space. Python's \s would add \x1c-\x1f.
+_WHITESPACE = ((0x09, 0x0D), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680),
+               (0x2000, 0x200A), (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F),
+               (0x3000, 0x3000))
+
+# The regexes tokenizer.json files carry, by their exact text (a Split's pattern; ByteLevel's
+# use_regex means GPT2). Llama 3's is also what a tiktoken file is split with.
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+LLAMA3_RANKS = 128000  # Meta's tokenizer.model: the special tokens follow, 128000..128255
+# Llama 3.1+'s named special tokens; every other id from 128000 to 128255 is
+# <|reserved_special_token_N|>, N counting up from 0 (the names when no tokenizer_config.json says)
+LLAMA3_NAMED = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>",
+                128004: "<|finetune_right_pad_id|>", 128006: "<|start_header_id|>",
+                128007: "<|end_header_id|>", 128008: "<|eom_id|>", 128009: "<|eot_id|>",
+                128010: "<|python_tag|>"}
+LLAMA3_SPECIALS = 256
+LLAMA3_STOP = ("<|end_of_text|>", "<|eot_id|>")  # Meta's stop tokens, when no config names one
+
+_CACHE_LIMIT = 1 << 17  # pre-tokens whose ids are remembered; the cache empties when full
+_NEVER = 1 << 62  # the rank of a pair that never merges
+_LONG_PIECE = 128  # parts from which _merge_heap beats the quadratic list of ranks
+
+
+def _byte_alphabet():
+    """GPT-2's stand-in character for each byte: printable Latin-1 bytes stand for themselves, the
+    others (controls, space, 0x7f-0xa0, soft hyphen) take 256, 257, ... in byte order."""
+    chars = []
+    extra = 256
+    for b in range(256):
+        if 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(extra))
+            extra += 1
+    return chars
+
+
+BYTE_CHARS = _byte_alphabet()
+CHAR_BYTES = {c: b for b, c in enumerate(BYTE_CHARS)}
+_LATIN1_TO_BYTE_CHARS = str.maketrans({chr(b): c for b, c in enumerate(BYTE_CHARS)})
+
+_regexes = {}  # pattern name -> compiled Python regex, built on first use (unicodedata scan)
+
+
+def _class_body(ranges):
+    return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
+
+
+def _ranges(code_points):
+    out = []
+    for c in code_points:
+        if out and out[-1][1] == c - 1:
+            out[-1][1] = c
+        else:
+            out.append([c, c])
+    return out
+
+
+def _unicode_classes():
+    """(letters, numbers, whitespace) as bodies of Python character classes."""
+    if "classes" not in _regexes:
+        category = unicodedata.category
+        letters, numbers = [], []
+        for c in range(0x110000):
+            kind = category(chr(c))[0]
+            if kind == "L":
+                letters.append(c)
+            elif kind == "N":
+                numbers.append(c)
+        letters = set(letters).union(*(range(a, b + 1) for a, b in _NEWER_LETTERS))
+        numbers = set(numbers).union(*(range(a, b + 1) for a, b in _NEWER_NUMBERS))
+        _regexes["classes"] = (_class_body(_ranges(sorted(letters))),
+                               _class_body(_ranges(sorted(numbers))), _class_body(_WHITESPACE))
+    return _regexes["classes"]
+
+
+def _regex(name):
+    """The compiled Python twin of a known pattern: "gpt2", "llama3", or "digit"/"digits" (one
+    \\p{N}, a run of them: the Digits pre-tokenizer's split; Rust's char::is_numeric is \\p{N})."""
+    if name not in _regexes:
+        L, N, S = _unicode_classes()
+        if name == "gpt2":
+            source = (rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+"
+                      rf"|[{S}]+(?![^{S}])|[{S}]+")
+        elif name == "llama3":
+            # (?i:...) spelled out: case folding adds only the long s (U+017F) to these letters
+            source = (r"'[sS\u017f]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]"
+                      rf"|[^\r\n{L}{N}]?[{L}]+|[{N}]{{1,3}}| ?[^{S}{L}{N}]+[\r\n]*"
+                      rf"|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
+        elif name == "digit":
+            source = rf"([{N}])"
+        else:
+            source = rf"([{N}]+)"
+        _regexes[name] = re.compile(source)
+    return _regexes[name]
+
+
+class BpeTokenizer:
+    """A loaded tokenizer; see load(). Its tables are read-only after load."""
+
+    def __init__(self, source, vocab_size, piece_bytes, special_ids, added, split_stages, bpe,
+                 prefix_ids, suffix_ids, eos_ids):
+        self.source = source
+        self.vocab_size = vocab_size
+        self._piece_bytes = piece_bytes  # id -> bytes, what decode() joins
+        self._special_ids = special_ids  # what decode(skip_special_tokens=True) leaves out
+        self._added = added  # [(regex, {content: id})]: matched in the text first, in order
+        self._split_stages = split_stages  # [str -> list of str], applied one after the other
+        self._bpe = bpe  # UTF-8 bytes of one pre-token -> list of ids
+        self._prefix_ids = list(prefix_ids)
+        self._suffix_ids = list(suffix_ids)
+        self.bos_id = prefix_ids[0] if prefix_ids else None
+        self.eos_ids = tuple(eos_ids)
+        self._cache = {}
+
+    def _segments(self, text):
+        """text cut around the added tokens: [(str, None) or (content, id)], as tokenizers'
+        AddedVocabulary splits it (leftmost-longest match, non-normalized tokens first)."""
+        segments = [(text, None)]
+        for regex, ids in self._added:
+            cut = []
+            for segment, token_id in segments:
+                if token_id is not None:
+                    cut.append((segment, token_id))
+                    continue
+                start = 0
+                for match in regex.finditer(segment):
+                    if match.start() > start:
+                        cut.append((segment[start:match.start()], None))
+                    cut.append((match.group(), ids[match.group()]))
+                    start = match.end()
+                if start < len(segment):
+                    cut.append((segment[start:], None))
+            segments = cut
+        return segments
+
+    def _pre_tokens(self, segment):
+        pieces = [segment]
+        for stage in self._split_stages:
+            pieces = [p for piece in pieces for p in stage(piece) if p]
+        return pieces
+
+    def encode(self, text, add_special_tokens=True):
+        """text's ids, as tokenizers' Tokenizer.encode(text, add_special_tokens).ids."""
+        if not isinstance(text, str):
+            raise LlamaError(f"{self.source}: encode() takes a str, not {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise LlamaError(f"{self.source}: the text holds a lone surrogate "
+                             f"U+{ord(text[e.start]):04X} at index {e.start}, which UTF-8 "
+                             f"cannot encode") from None
+        ids = []
+        cache = self._cache
+        bpe = self._bpe
+        for segment, token_id in self._segments(text):
+            if token_id is not None:
+                ids.append(token_id)
+                continue
+            for piece in self._pre_tokens(segment):
+                piece_ids = cache.get(piece)
+                if piece_ids is None:
+                    if len(cache) >= _CACHE_LIMIT:
+                        cache.clear()
+                    piece_ids = cache[piece] = bpe(piece.encode("utf-8"))
+                ids.extend(piece_ids)
+        if add_special_tokens:
+            return self._prefix_ids + ids + self._suffix_ids
+        return ids
+
+    def _check_id(self, token_id):
+        if isinstance(token_id, bool) or not hasattr(token_id, "__index__"):
+            raise LlamaError(f"{self.source}: token id {token_id!r} is not an integer")
+        token_id = token_id.__index__()
+        if not 0 <= token_id < self.vocab_size:
+            raise LlamaError(f"{self.source}: token id {token_id} is out of range "
+                             f"(0..{self.vocab_size - 1})")
+        return token_id
+
+    def piece(self, token_id):
+        """The bytes token_id stands for (a special token: its text in UTF-8), to print tokens
+        one at a time; joined and decoded they give decode()."""
+        return self._piece_bytes[self._check_id(token_id)]
+
+    def decode(self, ids, skip_special_tokens=False):
+        """The text of ids, as tokenizers' decode: the pieces' bytes joined, invalid UTF-8 turned
+        into U+FFFD. Unlike tokenizers, an id out of range is an error, not silently dropped."""
+        pieces = []
+        for token_id in ids:
+            token_id = self._check_id(token_id)
+            if skip_special_tokens and token_id in self._special_ids:
+                continue
+            pieces.append(self._piece_bytes[token_id])
+        return b"".join(pieces).decode("utf-8", "replace")
+
+
+# -- BPE proper ----------------------------------------------------------------------------------
+
+# Both BPEs merge the lowest-ranked adjacent pair, the leftmost on a tie, until no pair merges: the
+# order of tokenizers' BPE (its queue pops the lowest (rank, position)) and of tiktoken's. A short
+# pre-token keeps a list of its pairs' ranks, spelled out in each BPE for speed (min() and index()
+# run in C, but the loop is quadratic); a long one goes to _merge_heap.
+
+def _merge_heap(parts, pair_rank, join):
+    """The same merges in the same order, in n log n: a heap of (rank, position) over a
+    linked list; an entry whose two parts changed since it was pushed is stale and skipped."""
+    count = len(parts)
+    after = list(range(1, count + 1))
+    after[-1] = -1
+    before = list(range(-1, count - 1))
+    version = [0] * count
+    heap = []
+    for i in range(count - 1):
+        rank = pair_rank(parts[i], parts[i + 1])
+        if rank != _NEVER:
+            heap.append((rank, i, 0, 0))
+    heapq.heapify(heap)
+    while heap:
+        _, i, version_i, version_j = heapq.heappop(heap)
+        j = after[i]
+        if j < 0 or version[i] != version_i or version[j] != version_j:
+            continue
+        parts[i] = join(parts[i], parts[j])
+        version[i] += 1
+        version[j] += 1  # j is gone: no entry can name it any more
+        k = after[j]
+        after[i] = k
+        if k >= 0:
+            before[k] = i
+            rank = pair_rank(parts[i], parts[k])
+            if rank != _NEVER:
+                heapq.heappush(heap, (rank, i, version[i], version[k]))
+        h = before[i]
+        if h >= 0:
+            rank = pair_rank(parts[h], parts[i])
+            if rank != _NEVER:
+                heapq.heappush(heap, (rank, h, version[h], version[i]))
+    merged = []
+    i = 0  # the first part never merges into a neighbour on its left
+    while i >= 0:
+        merged.append(parts[i])
+        i = after[i]
+    return merged
+
+
+def _merges_bpe(vocab, merges, ignore_merges, unk_id, fuse_unk):
+    """A tokenizer.json's BPE: vocab maps byte-alphabet strings to ids, merges maps a pair of ids
+    to (rank, merged id). A byte without a token is dropped, or becomes unk_id (one for a run of
+    them when fuse_unk), and the bytes around it can still merge, as in tokenizers."""
+    byte_ids = [vocab.get(c) for c in BYTE_CHARS]
+    rank_of = {pair: rank for pair, (rank, _) in merges.items()}.get
+    merged_id = {pair: new_id for pair, (_, new_id) in merges.items()}
+
+    def pair_rank(left, right):
+        return rank_of((left, right), _NEVER)
+
+    def join(left, right):
+        return merged_id[left, right]
+
+    def symbols(data):
+        out = []
+        after_unk = False
+        for b in data:
+            token_id = byte_ids[b]
+            if token_id is None:
+                if unk_id is None or (fuse_unk and after_unk):
+                    continue
+                token_id, after_unk = unk_id, True
+            else:
+                after_unk = False
+            out.append(token_id)
+        return out
+
+    def bpe(data):
+        if ignore_merges:
+            whole = vocab.get(data.decode("latin-1").translate(_LATIN1_TO_BYTE_CHARS))
+            if whole is not None:
+                return [whole]
+        parts = [byte_ids[b] for b in data]
+        if None in parts:
+            parts = symbols(data)
+        if len(parts) > _LONG_PIECE:
+            return _merge_heap(parts, pair_rank, join)
+        ranks = [rank_of(pair, _NEVER) for pair in zip(parts, parts[1:])]
+        while ranks:
+            best = min(ranks)
+            if best == _NEVER:
+                break
+            i = ranks.index(best)
+            parts[i:i + 2] = [merged_id[parts[i], parts[i + 1]]]
+            del ranks[i]
+            if i > 0:
+                ranks[i - 1] = rank_of((parts[i - 1], parts[i]), _NEVER)
+            if i < len(ranks):
+                ranks[i] = rank_of((parts[i], parts[i + 1]), _NEVER)
+        return parts
+    return bpe
+
+
+def _ranks_bpe(ranks_of):
+    """tiktoken's BPE: a whole pre-token that is a token stays one; otherwise parts merge by the
+    rank of their concatenation."""
+    rank_of = ranks_of.get
+
+    def pair_rank(left, right):
+        return rank_of(left + right, _NEVER)
+
+    def join(left, right):
+        return left + right
+
+    def bpe(data):
+        whole = rank_of(data)
+        if whole is not None:
+            return [whole]
+        parts = [data[i:i + 1] for i in range(len(data))]
+        if len(parts) > _LONG_PIECE:
+            return [ranks_of[part] for part in _merge_heap(parts, pair_rank, join)]
+        ranks = [rank_of(left + right, _NEVER) for left, right in zip(parts, parts[1:])]
+        while ranks:
+            best = min(ranks)
+            if best == _NEVER:
+                break
+            i = ranks.index(best)
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            del ranks[i]
+            if i > 0:
+                ranks[i - 1] = rank_of(parts[i - 1] + parts[i], _NEVER)
+            if i < len(ranks):
+                ranks[i] = rank_of(parts[i] + parts[i + 1], _NEVER)
+        return [ranks_of[part] for part in parts]
+    return bpe
+
+
+# -- reading files -------------------------------------------------------------------------------
+
+def _read_text(path):
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise LlamaError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LlamaError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def _read_json(path):
+    text = _read_text(path)
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise LlamaError(f"{path}: not JSON ({e})") from None
+    except RecursionError:
+        raise LlamaError(f"{path}: JSON nested too deeply to read") from None
+    if not isinstance(doc, dict):
+        raise LlamaError(f"{path}: not a JSON object but a {_json_type(doc)}")
+    return doc
+
+
+def _json_type(value):
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "list",
+            dict: "object"}.get(type(value), type(value).__name__)
+
+
+class _Fields:
+    """Typed access to one JSON object: each field checked before use, errors as one line."""
+
+    def __init__(self, path, obj, where):
+        self.path, self.obj, self.where = path, obj, where
+
+    def fail(self, message):
+        raise LlamaError(f"{self.path}: {message}")
+
+    def get(self, key, kinds, default=KeyError):
+        """obj[key] if its type is one of kinds (bool, int, str, list, dict, None); default if
+        absent (KeyError: required)."""
+        if key not in self.obj:
+            if default is KeyError:
+                self.fail(f"{self.where} has no \"{key}\"")
+            return default
+        value = self.obj[key]
+        for kind in kinds:
+            if kind is None and value is None:
+                return value
+            if kind is int and isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if kind is not None and kind is not int and isinstance(value, kind):
+                return value
+        names = " or ".join(dict.fromkeys("null" if k is None else _json_type(k()) for k in kinds))
+        self.fail(f"{self.where}.{key} is a {_json_type(value)}, expected {names}")
+
+    def sub(self, key, kinds=(dict,), default=KeyError):
+        value = self.get(key, kinds, default)
+        if isinstance(value, dict):
+            return _Fields(self.path, value, f"{self.where}.{key}")
+        return value
+
+    def false(self, key):
+        """A flag we only support off."""
+        if self.get(key, (bool, None), False):
+            self.fail(f"{self.where}.{key} = true is not supported")
+
+
+def _check_added_flags(fields):
+    for flag in ("lstrip", "rstrip", "single_word"):
+        fields.false(flag)
+
+
+def _added_matchers(added):
+    """[(regex, {content: id})] for the added tokens [(content, id, normalized)]: the tokens not
+    normalized are matched first, then the normalized ones in what is left (with no normalizer
+    both see the same text). Longest alternative first gives leftmost-longest matching."""
+    matchers = []
+    for normalized in (False, True):
+        ids = {content: token_id for content, token_id, norm in added if norm == normalized}
+        if ids:
+            alternatives = sorted(ids, key=len, reverse=True)
+            matchers.append((re.compile("|".join(map(re.escape, alternatives))), ids))
+    return matchers
+
+
+def _pre_tokenizer_stages(fields):
+    """The split functions of a tokenizer.json pre_tokenizer; it must end in ByteLevel."""
+    kind = fields.get("type", (str,))
+    parts = []
+    if kind == "Sequence":
+        items = fields.get("pretokenizers", (list,))
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                fields.fail(f"{fields.where}.pretokenizers[{i}] is a {_json_type(item)}, "
+                            f"expected object")
+            parts.append(_Fields(fields.path, item, f"{fields.where}.pretokenizers[{i}]"))
+    else:
+        parts.append(fields)
+    stages = []
+    for n, part in enumerate(parts):
+        kind = part.get("type", (str,))
+        last = n == len(parts) - 1
+        if kind == "ByteLevel":
+            if not last:
+                part.fail(f"{part.where}: ByteLevel before another pre-tokenizer is not supported")
+            part.false("add_prefix_space")
+            part.get("trim_offsets", (bool,), True)  # offsets only
+            if part.get("use_regex", (bool,), True):
+                stages.append(_regex("gpt2").findall)
+        elif kind == "Split":
+            pattern = part.sub("pattern")
+            regex = pattern.get("Regex", (str,), None)
+            if regex is None:
+                part.fail(f"{part.where}.pattern: only a Regex pattern is supported")
+            behavior = part.get("behavior", (str,))
+            if behavior != "Isolated":
+                part.fail(f"{part.where}.behavior = {behavior!r}: only \"Isolated\" is supported")
+            part.false("invert")
+            known = {GPT2_PATTERN: "gpt2", LLAMA3_PATTERN: "llama3"}
+            if regex not in known:
+                part.fail(f"{part.where}.pattern.Regex {regex!r} is not one we implement "
+                          f"(GPT-2's or Llama 3's)")
+            # every character is matched by one alternative, so findall leaves nothing out
+            stages.append(_regex(known[regex]).findall)
+        elif kind == "Digits":
+            individual = part.get("individual_digits", (bool,), False)
+            stages.append(_regex("digit" if individual else "digits").split)
+        else:
+            part.fail(f"{part.where}: pre-tokenizer {kind!r} is not supported")
+    if not parts or parts[-1].obj.get("type") != "ByteLevel":
+        fields.fail("pre_tokenizer does not end in ByteLevel; only byte-level BPE is supported")
+    return stages
+
+
+def _post_processor_ids(fields, vocab_size):
+    """(prefix ids, suffix ids) that encode(add_special_tokens=True) puts around the text."""
+    if fields is None:
+        return [], []
+    kind = fields.get("type", (str,))
+    parts = []
+    if kind == "Sequence":
+        for i, item in enumerate(fields.get("processors", (list,))):
+            if not isinstance(item, dict):
+                fields.fail(f"{fields.where}.processors[{i}] is a {_json_type(item)}, "
+                            f"expected object")
+            parts.append(_Fields(fields.path, item, f"{fields.where}.processors[{i}]"))
+    else:
+        parts.append(fields)
+    prefix, suffix = [], []
+    templates = 0
+    for part in parts:
+        kind = part.get("type", (str,))
+        if kind == "ByteLevel":
+            continue  # it moves offsets, never ids
+        if kind != "TemplateProcessing":
+            part.fail(f"{part.where}: post-processor {kind!r} is not supported")
+        templates += 1
+        if templates > 1:
+            part.fail(f"{part.where}: a second TemplateProcessing is not supported")
+        specials = part.sub("special_tokens")
+        single = part.get("single", (list,))
+        seen_text = False
+        for i, item in enumerate(single):
+            where = f"{part.where}.single[{i}]"
+            if not isinstance(item, dict) or len(item) != 1:
+                part.fail(f"{where} is not an object with one key")
+            ((key, value),) = item.items()
+            if not isinstance(value, dict):
+                part.fail(f"{where}.{key} is a {_json_type(value)}, expected object")
+            element = _Fields(part.path, value, where + "." + key)
+            name = element.get("id", (str,))
+            element.get("type_id", (int,), 0)  # token types: not ids
+            if key == "Sequence":
+                if name != "A" or seen_text:
+                    element.fail(f"{element.where}: only one sequence, \"A\", is supported")
+                seen_text = True
+            elif key == "SpecialToken":
+                token = specials.sub(name, default=None)
+                if token is None:
+                    part.fail(f"{where}: special token {name!r} is not in special_tokens")
+                ids = token.get("ids", (list,))
+                for token_id in ids:
+                    if isinstance(token_id, bool) or not isinstance(token_id, int) \
+                            or not 0 <= token_id < vocab_size:
+                        token.fail(f"{token.where}.ids holds {token_id!r}, not an id below "
+                                   f"{vocab_size}")
+                (suffix if seen_text else prefix).extend(ids)
+            else:
+                part.fail(f"{where}: template element {key!r} is not supported")
+        if not seen_text:
+            part.fail(f"{part.where}.single has no Sequence")
+    return prefix, suffix
+
+
+def _piece_of(token):
+    """The bytes tokenizers' ByteLevel decoder gives a token: its characters mapped back to
+    bytes when all are in the byte alphabet, otherwise its UTF-8 (added tokens like "<s>" pass
+    both ways unchanged)."""
+    try:
+        return bytes(CHAR_BYTES[c] for c in token)
+    except KeyError:
+        return token.encode("utf-8")
+
+
+def _load_tokenizer_json(path, configs):
+    doc = _Fields(path, _read_json(path), "tokenizer.json")
+    for key in ("normalizer", "truncation", "padding"):
+        if doc.get(key, (dict, list, str, int, bool, None), None) is not None:
+            doc.fail(f"{key} is not null: not supported")
+    model = doc.sub("model")
+    kind = model.get("type", (str,), None)
+    if kind != "BPE":
+        model.fail(f"model type {kind!r} is not supported (only \"BPE\")")
+    if model.get("dropout", (int, float, None), None) is not None:
+        model.fail("model.dropout is set: BPE dropout is random, not supported")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key, (str, None), None):
+            model.fail(f"model.{key} is set: not supported")
+    model.false("byte_fallback")
+    unk_token = model.get("unk_token", (str, None), None)
+    fuse_unk = model.get("fuse_unk", (bool,), False)
+    ignore_merges = model.get("ignore_merges", (bool,), False)
+
+    vocab = model.get("vocab", (dict,))
+    tokens = {}
+    for token, token_id in vocab.items():
+        if isinstance(token_id, bool) or not isinstance(token_id, int):
+            model.fail(f"model.vocab[{token!r}] is a {_json_type(token_id)}, expected number")
+        if token_id in tokens or token_id < 0:
+            model.fail(f"model.vocab gives id {token_id} twice or below 0")
+        tokens[token_id] = token
+    if sorted(tokens) != list(range(len(tokens))):
+        model.fail(f"model.vocab's ids are not 0..{len(tokens) - 1} without gaps")
+    if unk_token is not None and unk_token not in vocab:
+        model.fail(f"model.unk_token {unk_token!r} is not in the vocabulary")
+
+    merges = {}
+    for rank, merge in enumerate(model.get("merges", (list,))):
+        if isinstance(merge, str):
+            pair = merge.split(" ")
+        elif isinstance(merge, list) and all(isinstance(side, str) for side in merge):
+            pair = merge
+        else:
+            pair = ()
+        if len(pair) != 2:
+            model.fail(f"model.merges[{rank}] = {merge!r} is not a pair of tokens")
+        left, right = pair
+        for token in (left, right, left + right):
+            if token not in vocab:
+                model.fail(f"model.merges[{rank}]: {token!r} is not in the vocabulary")
+        merges[vocab[left], vocab[right]] = (rank, vocab[left + right])  # a later duplicate wins
+
+    vocab_size = len(tokens)
+    added = []  # (content, id, normalized)
+    special_ids = set()
+    contents = set()
+    for i, item in enumerate(doc.get("added_tokens", (list,), [])):
+        if not isinstance(item, dict):
+            doc.fail(f"added_tokens[{i}] is a {_json_type(item)}, expected object")
+        entry = _Fields(path, item, f"added_tokens[{i}]")
+        token_id = entry.get("id", (int,))
+        content = entry.get("content", (str,))
+        _check_added_flags(entry)
+        normalized = entry.get("normalized", (bool,), True)
+        special = entry.get("special", (bool,), False)
+        if not content or content in contents:
+            entry.fail(f"{entry.where}: empty or repeated content {content!r}")
+        contents.add(content)
+        # the id tokenizers gives it: the vocabulary's, else the next one after the vocabulary
+        expected = vocab.get(content, vocab_size)
+        if token_id != expected:
+            entry.fail(f"{entry.where}: {content!r} has id {token_id} where tokenizers would "
+                       f"give {expected}")
+        if token_id == vocab_size:
+            vocab_size += 1
+        tokens[token_id] = content
+        added.append((content, token_id, normalized))
+        if special:
+            special_ids.add(token_id)
+
+    if doc.get("pre_tokenizer", (dict, None)) is None:
+        doc.fail("pre_tokenizer is null; only byte-level BPE (a ByteLevel pre-tokenizer) "
+                 "is supported")
+    stages = _pre_tokenizer_stages(doc.sub("pre_tokenizer"))
+    decoder = doc.sub("decoder", (dict, None))
+    if decoder is None or decoder.get("type", (str,)) != "ByteLevel":
+        doc.fail(f"decoder {decoder and decoder.obj.get('type')!r} is not supported "
+                 f"(only ByteLevel)")
+    prefix, suffix = _post_processor_ids(doc.sub("post_processor", (dict, None), None), vocab_size)
+
+    by_content = {token: token_id for token_id, token in tokens.items()}
+    eos_ids = _eos_ids(configs, by_content, vocab_size, default=())
+    piece_bytes = [_piece_of(tokens[i]) for i in range(vocab_size)]
+    return BpeTokenizer(path, vocab_size, piece_bytes, frozenset(special_ids),
+                        _added_matchers(added), stages, _merges_bpe(vocab, merges, ignore_merges,
+                                                        vocab.get(unk_token), fuse_unk),
+                        prefix, suffix, eos_ids)
+
+
+def _load_tiktoken(path, configs):
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read().decode("ascii")
+    except OSError as e:
+        raise LlamaError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise LlamaError(f"{path}: byte {e.start} is not ASCII: not a tiktoken ranks file (a "
+                         f"sentencepiece tokenizer.model goes through tokenizer.py)") from None
+    ranks_of = {}
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the final newline
+    for n, line in enumerate(lines, 1):
+        fields = line.split(" ")
+        try:
+            if len(fields) != 2:
+                raise ValueError
+            token = base64.b64decode(fields[0], validate=True)
+            rank = int(fields[1])
+        except (ValueError, binascii.Error):
+            raise LlamaError(f"{path}: line {n} is not \"base64-token rank\" (a tiktoken ranks "
+                             f"file; a sentencepiece tokenizer.model goes through tokenizer.py)") \
+                from None
+        if rank != len(ranks_of) or not token or token in ranks_of:
+            raise LlamaError(f"{path}: line {n}: rank {rank} of {token!r} is not the line's "
+                             f"index {len(ranks_of)}, or the token is empty or repeated")
+        ranks_of[token] = rank
+    missing = [b for b in range(256) if bytes([b]) not in ranks_of]
+    if missing:
+        raise LlamaError(f"{path}: no rank for the single byte {missing[0]}: every byte needs one")
+    n_ranks = len(ranks_of)
+
+    tokenizer_config = configs.get("tokenizer_config.json")
+    table = tokenizer_config.sub("added_tokens_decoder", (dict,), None) if tokenizer_config \
+        else None
+    added, special_ids = [], set()
+    if table is not None:
+        for key in table.obj:
+            entry = table.sub(key)
+            if not key.isdigit() or int(key) != n_ranks + len(added):
+                table.fail(f"{table.where}: id {key!r} does not follow the {n_ranks} ranks in "
+                           f"order without gaps")
+            content = entry.get("content", (str,))
+            _check_added_flags(entry)
+            if not content or any(content == c for c, _, _ in added):
+                entry.fail(f"{entry.where}: empty or repeated content {content!r}")
+            added.append((content, int(key), entry.get("normalized", (bool,), True)))
+            if entry.get("special", (bool,), False):
+                special_ids.add(int(key))
+    elif n_ranks == LLAMA3_RANKS:
+        reserved = 0
+        for token_id in range(n_ranks, n_ranks + LLAMA3_SPECIALS):
+            name = LLAMA3_NAMED.get(token_id)
+            if name is None:
+                name = f"<|reserved_special_token_{reserved}|>"
+                reserved += 1
+            added.append((name, token_id, False))
+            special_ids.add(token_id)
+    vocab_size = n_ranks + len(added)
+    by_content = {content: token_id for content, token_id, _ in added}
+
+    bos = "<|begin_of_text|>"
+    if tokenizer_config is not None:
+        bos = _token_content(tokenizer_config, "bos_token", bos)
+        if bos not in by_content and "bos_token" in tokenizer_config.obj:
+            tokenizer_config.fail(f"bos_token {bos!r} is not one of the special tokens")
+    prefix = [by_content[bos]] if bos in by_content else []
+    default_eos = tuple(by_content[name] for name in LLAMA3_STOP if name in by_content)
+    eos_ids = _eos_ids(configs, by_content, vocab_size, default_eos)
+
+    piece_bytes = [b""] * n_ranks
+    for token, rank in ranks_of.items():
+        piece_bytes[rank] = token
+    piece_bytes += [content.encode("utf-8") for content, _, _ in added]
+    return BpeTokenizer(path, vocab_size, piece_bytes, frozenset(special_ids),
+                        _added_matchers(added), [_regex("llama3").findall], _ranks_bpe(ranks_of),
+                        prefix, [], eos_ids)
+
+
+def _token_content(fields, key, default):
+    """A tokenizer_config.json token field: a string, {"content": ...} or null."""
+    value = fields.get(key, (str, dict, None), None)
+    if isinstance(value, dict):
+        return fields.sub(key).get("content", (str,))
+    return default if value is None else value
+
+
+def _eos_ids(configs, by_content, vocab_size, default):
+    """eos_token_id of generation_config.json, else config.json's, else tokenizer_config.json's
+    eos_token, else default."""
+    for name in ("generation_config.json", "config.json"):
+        fields = configs.get(name)
+        if fields is None or fields.get("eos_token_id", (int, list, None), None) is None:
+            continue
+        value = fields.get("eos_token_id", (int, list))
+        ids = value if isinstance(value, list) else [value]
+        for token_id in ids:
+            if isinstance(token_id, bool) or not isinstance(token_id, int) \
+                    or not 0 <= token_id < vocab_size:
+                fields.fail(f"eos_token_id {token_id!r} is not an id below {vocab_size}")
+        return tuple(ids)
+    fields = configs.get("tokenizer_config.json")
+    if fields is not None:
+        name = _token_content(fields, "eos_token", None)
+        if name is not None:
+            if name not in by_content:
+                fields.fail(f"eos_token {name!r} is not a token of the tokenizer")
+            return (by_content[name],)
+    return default
+
+
+_CONFIG_NAMES = ("tokenizer_config.json", "config.json", "generation_config.json")
+
+
+def _read_configs(folder, config):
+    """{file name: _Fields} of the config files found: in config (a folder, or one file read as
+    the file of its name, any other name as tokenizer_config.json) when given, else in folder."""
+    paths = {}
+    if config is not None:
+        if os.path.isdir(config):
+            folder = config
+        elif os.path.exists(config):
+            name = os.path.basename(config)
+            paths[name if name in _CONFIG_NAMES else "tokenizer_config.json"] = config
+            folder = None
+        else:
+            raise LlamaError(f"{config}: no such file or folder")
+    if folder is not None:
+        for name in _CONFIG_NAMES:
+            if os.path.isfile(os.path.join(folder, name)):
+                paths[name] = os.path.join(folder, name)
+    return {name: _Fields(p, _read_json(p), name) for name, p in paths.items()}
+
+
+def load(path, config=None):
+    """Load a tokenizer.json, a tiktoken tokenizer.model, or a folder holding either (its
+    tokenizer.json preferred). config: a tokenizer_config.json (or config.json,
+    generation_config.json) or a folder of them; when None, those beside path are read. Raises
+    LlamaError, one line naming the file, for anything it cannot read exactly."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        folder = path
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if os.path.isfile(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise LlamaError(f"{path}: holds neither tokenizer.json nor tokenizer.model")
+    elif os.path.exists(path):
+        folder = os.path.dirname(path) or "."
+    else:
+        raise LlamaError(f"{path}: no such file or folder")
+    configs = _read_configs(folder, None if config is None else os.fspath(config))
+    try:
+        with open(path, "rb") as fh:
+            first = fh.read(64).lstrip()
+    except OSError as e:
+        raise LlamaError(f"{path}: cannot read ({e.strerror or e})") from None
+    if path.endswith(".json") or first.startswith(b"{"):
+        return _load_tokenizer_json(path, configs)
+    return _load_tiktoken(path, configs)
