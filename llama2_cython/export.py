@@ -355,7 +355,8 @@ def _config_ints(cfg):
     return [cfg[key] for key in CONFIG_KEYS]
 
 
-def _header_bytes(version, cfg, shared, group_size, rope, norm_eps):
+def header_bytes(version, cfg, shared, group_size=0, rope=formats.Rope(), norm_eps=formats.NORM_EPS):
+    """The 256 header bytes of a v1, v2 or v3 file (for writers of their own: tools/bench.py)."""
     head = struct.pack("<Ii7iB", MAGIC, version, *_config_ints(cfg), shared)
     if version >= 2:
         head += struct.pack("<i", group_size)
@@ -457,7 +458,7 @@ def write_model(path, version, source, group_size=64, *, back_off=True, log=None
                 _write(fh, _checked(source, "wcls", None, shapes), "<f4")
                 log(f"wrote wcls {shapes['wcls']}")
             return 0
-        fh.write(_header_bytes(file_version, cfg, shared, group_size, rope, norm_eps))
+        fh.write(header_bytes(file_version, cfg, shared, group_size, rope, norm_eps))
         for key in NORMS:
             for piece in _each(source, key, cfg, shapes):
                 _write(fh, piece, "<f4")

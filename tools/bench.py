@@ -29,8 +29,8 @@ Last, decode while another program keeps one core busy, against the same decode 
 under the same load (what the port's choice of threads, team.pxi, can at best reach).
 
 The big shapes (--shapes 7B 13B, Llama 2's; by hand, not in CI) run runq alone, on random Q8_0
-files written straight into BENCH_BIG_DIR (default /work/big; 7 and 14 GB): an fp32 7B would be
-27 GB. Their yardsticks stream two layers' matrices of the shape in fp32 (1.6 GB at 7B, far past
+files written straight into BENCH_BIG_DIR (default build/bench, beside the small ones; 7 and
+14 GB): an fp32 7B would be 27 GB. Their yardsticks stream two layers' matrices of the shape in fp32 (1.6 GB at 7B, far past
 any cache), and every round also loads the model in a process of its own: load time and peak
 resident memory during the load, resident memory after it, and the peak of the decode's process.
 Fewer rounds and steps by default (3 and 32).
@@ -65,7 +65,7 @@ SHAPES = {
 }
 BIG = ("7B", "13B")
 # where the big shapes' files go (BENCH_BIG_DIR): 7 and 14 GB
-BIG_DIR = Path(os.environ.get("BENCH_BIG_DIR", "/work/big"))
+BIG_DIR = Path(os.environ.get("BENCH_BIG_DIR", CACHE))
 # the acceptance targets of the issues (../shared/NOTES.md has the C figures they come from)
 # (issue 13: fp32 at numpy's bandwidth and at least run.c's speed, int8 at 0.8 of the bandwidth on
 # its bytes). The 15M figure stands in for run.c when --c-run is not given: run.c's decode in
@@ -115,7 +115,7 @@ def write_random_q80(path, config, seed=0, group_size=64):
     L, dim = cfg["n_layers"], cfg["dim"]
     int8_std = 127 / 3 ** 0.5  # of uniform integers in [-127, 127]
     with export.atomic_write(path) as fh:
-        export._write_header(fh, 2, cfg, False, struct.pack("<i", group_size))
+        fh.write(export.header_bytes(2, cfg, False, group_size))
         for count in (L, L, 1):  # rms_att_weight, rms_ffn_weight, rms_final_weight
             fh.write((1 + 0.1 * rng.standard_normal(count * dim)).astype("<f4").tobytes())
         for name, count, rows, cols in quantized_tensors(cfg, False):
