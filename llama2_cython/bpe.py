@@ -472,19 +472,21 @@ def _added_matchers(added):
     return matchers
 
 
+def _sequence_parts(fields, key):
+    """A component's parts: the items of a Sequence (its list under key), or the one component."""
+    if fields.get("type", (str,)) != "Sequence":
+        return [fields]
+    parts = []
+    for i, item in enumerate(fields.get(key, (list,))):
+        if not isinstance(item, dict):
+            fields.fail(f"{fields.where}.{key}[{i}] is a {_json_type(item)}, expected object")
+        parts.append(_Fields(fields.path, item, f"{fields.where}.{key}[{i}]"))
+    return parts
+
+
 def _pre_tokenizer_stages(fields):
     """The split functions of a tokenizer.json pre_tokenizer; it must end in ByteLevel."""
-    kind = fields.get("type", (str,))
-    parts = []
-    if kind == "Sequence":
-        items = fields.get("pretokenizers", (list,))
-        for i, item in enumerate(items):
-            if not isinstance(item, dict):
-                fields.fail(f"{fields.where}.pretokenizers[{i}] is a {_json_type(item)}, "
-                            f"expected object")
-            parts.append(_Fields(fields.path, item, f"{fields.where}.pretokenizers[{i}]"))
-    else:
-        parts.append(fields)
+    parts = _sequence_parts(fields, "pretokenizers")
     stages = []
     for n, part in enumerate(parts):
         kind = part.get("type", (str,))
@@ -525,16 +527,7 @@ def _post_processor_ids(fields, vocab_size):
     """(prefix ids, suffix ids) that encode(add_special_tokens=True) puts around the text."""
     if fields is None:
         return [], []
-    kind = fields.get("type", (str,))
-    parts = []
-    if kind == "Sequence":
-        for i, item in enumerate(fields.get("processors", (list,))):
-            if not isinstance(item, dict):
-                fields.fail(f"{fields.where}.processors[{i}] is a {_json_type(item)}, "
-                            f"expected object")
-            parts.append(_Fields(fields.path, item, f"{fields.where}.processors[{i}]"))
-    else:
-        parts.append(fields)
+    parts = _sequence_parts(fields, "processors")
     prefix, suffix = [], []
     templates = 0
     for part in parts:
