@@ -411,9 +411,10 @@ static int64_t q8_packed_scales(int d, int n, int gs) {
 }
 
 /* rows block * 16 .. of W (d, n) (values wq, scales ws) into the packed layout at pq and ps, a byte
- * at a time: the definition, which q8_pack_block's vector code must match (tests/q8matmul_check.c) */
-static void q8_pack_block_plain(int8_t* pq, float* ps, int64_t block, const int8_t* wq,
-                                const float* ws, int d, int n, int gs) {
+ * at a time: the definition, which q8_pack_block's vector code must match (tests/q8matmul_check.c;
+ * inline only so that builds where nothing else calls it get no unused-function warning) */
+static inline void q8_pack_block_plain(int8_t* pq, float* ps, int64_t block, const int8_t* wq,
+                                       const float* ws, int d, int n, int gs) {
     int chunks = (n + 63) / 64, groups = n / gs;
     int8_t* bq = pq + block * chunks * 1024;
     float* bs = ps + block * groups * 16;
