@@ -269,8 +269,6 @@ def test_fp32_model_larger_than_memory_runs_with_a_warning(monkeypatch, capfd):
 def test_cli_warns_once_and_prints_the_same(tmp_path):
     """The same through `python -m run`: the warning is one line on stderr, stdout unchanged."""
     model, tok = TESTDATA / "tiny_gqa.bin", TESTDATA / "tok512.bin"
-    if not tok.exists():
-        pytest.skip("no tok512.bin in testdata")
     argv = [str(model), "-z", str(tok), "-n", "20", "-t", "0", "-i", "Once"]
     size = os.path.getsize(model)
     normal = subprocess.run([sys.executable, "-m", "run", *argv], cwd=REPO, capture_output=True, check=True)
