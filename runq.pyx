@@ -671,6 +671,11 @@ cdef build_transformer(Transformer t, checkpoint_path, bint pack):
     t.c_packed = t.c_weights
     if pack:
         pack_weights(t)
+        if (Q8_PACKED and not t.packed and t.file_size <= available_memory()
+                and hasattr(mmap, "MADV_WILLNEED")):
+            # mapped unpopulated for a copy that was not made (another group size, no room for
+            # it): decode reads the file, so have it read in now rather than a page at a time
+            t._mmap.madvise(mmap.MADV_WILLNEED)
     # allocate the RunState buffers
     malloc_states(t)
 
