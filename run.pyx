@@ -22,6 +22,7 @@ import time as _pytime
 # what has no twin in run.c is written once for run, runq and run_cuda (llama2_cython/)
 from llama2_cython import LlamaError
 from llama2_cython.api import exclusive_state
+from llama2_cython.chat import chat_loop, load_tokenizer
 from llama2_cython.cli import ExitStatus, parse_args, read_line
 from llama2_cython.formats import map_model, rope_frequencies
 
@@ -1523,8 +1524,12 @@ def main(argv=None, prog="run", transformer_factory=None):
         if steps == 0 or steps > config["seq_len"]:
             steps = config["seq_len"]  # override to ~max length
 
-        # build the Tokenizer via the tokenizer .bin file
-        tokenizer = Tokenizer(args["tokenizer_path"], config["vocab_size"])
+        # build the Tokenizer via the tokenizer .bin file (in chat mode, or a Hugging Face
+        # tokenizer: llama2_cython.chat.load_tokenizer)
+        if args["mode"] == "chat":
+            tokenizer = load_tokenizer(Tokenizer, args["tokenizer_path"], config["vocab_size"])
+        else:
+            tokenizer = Tokenizer(args["tokenizer_path"], config["vocab_size"])
 
         # build the Sampler
         sampler = Sampler(config["vocab_size"], args["temperature"], args["topp"], args["rng_seed"])
@@ -1532,6 +1537,10 @@ def main(argv=None, prog="run", transformer_factory=None):
         # run!
         if args["mode"] == "generate":
             print_generation(generate(transformer, tokenizer, sampler, args["prompt"], steps))
-        else:
+        elif isinstance(tokenizer, Tokenizer):
             chat(transformer, tokenizer, sampler, args["prompt"], args["system_prompt"], steps)
+        else:
+            # not in the C: a Hugging Face tokenizer chats in its model's own template
+            chat_loop(transformer, tokenizer, sampler, args["prompt"], args["system_prompt"], steps,
+                      read_stdin, write_and_flush)
     return status.code

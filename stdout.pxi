@@ -1,6 +1,7 @@
 # Included by run.pyx and runq.pyx (written once, as it has no twin in the C): run.c's printf and
 # fflush to stdout, with the write errors that C ignores turned into exceptions for main; the
-# printing side of generate() (print_generation), and safe_printf's test for the Python API.
+# printing side of generate() (print_generation), safe_printf's test for the Python API, and the
+# writer of llama2_cython.chat's loop.
 from libc.errno cimport errno, EIO, EPIPE
 from libc.stdio cimport fflush, fwrite, stdout
 
@@ -22,6 +23,11 @@ cdef void raise_stdout_error() except *:
     if error == EPIPE:
         raise BrokenPipeError(error, _os.strerror(error), "<stdout>")
     raise OSError(error, _os.strerror(error), "<stdout>")
+
+def write_and_flush(bytes data):
+    # printf and fflush for llama2_cython.chat's loop: the stdout run.c's own loops print to
+    write_stdout(data, len(data))
+    flush_stdout()
 
 def flush_quietly():
     # what main flushes before it reports Ctrl-C: whatever can still be written
