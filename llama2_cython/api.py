@@ -7,6 +7,7 @@ import math
 import numbers
 import threading
 
+from .chat import Conversation, chat_format, load_tokenizer
 from .cli import sampling_overrides, time_seed
 
 
@@ -20,13 +21,16 @@ class Model:
     >>> seq = m.sequence()
     >>> logits = seq.feed(m.encode("Once upon a time"))  # the prompt's tokens together
     >>> logits = seq.forward(int(logits.argmax()))  # then one token at a time
+    >>> for text in m.chat([{"role": "user", "content": "Hi"}]): print(text, end="")
     """
     engine = None  # set by each package: run._run, runq._runq
 
     def __init__(self, checkpoint_path, tokenizer_path="tokenizer.bin"):
         self.transformer = self.make_transformer(checkpoint_path)
         self.config = self.transformer.config
-        self.tokenizer = self.engine.Tokenizer(tokenizer_path, self.config["vocab_size"])
+        self.tokenizer = load_tokenizer(self.engine.Tokenizer, tokenizer_path,
+                                        self.config["vocab_size"])
+        self._chat_format = None
 
     def make_transformer(self, checkpoint_path):
         return self.engine.Transformer(checkpoint_path)
@@ -73,6 +77,44 @@ class Model:
         out = text.end()
         if out:
             yield out
+
+    def chat(self, messages, steps=256, temperature=1.0, topp=0.9, seed=None, stop=None):
+        """Yields the assistant's reply to messages (a list of {"role": ..., "content": ...}
+        dicts: "system", "user", "assistant"), piece by piece.
+
+        The model is fed chat_prompt(messages).ids; the reply ends at an end-of-turn token, at
+        stop (as in generate()), or when steps (the positions, prompt included) run out.
+        steps, temperature, topp and seed mean what -n, -t, -p and -s mean on the command line.
+        """
+        chat = Conversation(self.transformer.with_new_state(), self.chat_format(),
+                            *self._sampler(steps, temperature, topp, seed))
+        piece = chat.format.printer()
+        text = _Text(stop)
+        tokens = chat.respond(messages)
+        for token in tokens:
+            out = text.add(piece(token))
+            if out:
+                yield out
+            if text.stopped:
+                tokens.close()
+                return
+        out = text.end()
+        if out:
+            yield out
+
+    def chat_prompt(self, messages):
+        """ChatPrompt(ids, text): the token ids chat(messages) feeds the model before it replies,
+        and the text they spell. With a Hugging Face tokenizer, its model's chat template
+        rendered as transformers' apply_chat_template(messages, add_generation_prompt=True)
+        renders it; with run.c's tokenizer .bin, what run.c's chat loop feeds for the
+        conversation (Llama 2's [INST] format, each reply followed by EOS)."""
+        return self.chat_format().prompt(messages)
+
+    def chat_format(self):
+        """The tokenizer's chat format (llama2_cython.chat): its template, or Llama 2's."""
+        if self._chat_format is None:
+            self._chat_format = chat_format(self.engine, self.tokenizer)
+        return self._chat_format
 
     def generate_batch(self, prompts, steps=256, temperature=1.0, topp=0.9, seed=None, stop=None):
         """generate() for several prompts together: yields (index, text) pieces as they come.
