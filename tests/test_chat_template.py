@@ -486,6 +486,21 @@ def test_chat_ends_when_steps_run_out(module, tiny_models, smollm):
     assert proc.stdout == b"User: Assistant: \n"
 
 
+def test_run_cuda_chats_as_run(tiny_models):
+    """run_cuda (on cuda_emulator: the same host code as on a GPU) feeds a turn's tokens one at a
+    time, and prints what run prints."""
+    args = [tiny_models["run"], "-z", shared("smollm"), "-m", "chat", "-y", SYSTEM["content"],
+            "-s", SEED, "-t", "1", "-p", "0.9", "-n", "40"]
+    stdin = b"Hi there\nmore\n"
+    expected = run_cli("run", args, stdin=stdin)
+    assert expected.returncode == 0 and expected.stdout.count(b"Assistant: ") == 2
+    proc = subprocess.run([sys.executable, "run_cuda.py", *map(str, args)], input=stdin, cwd=REPO,
+                          capture_output=True, timeout=300,
+                          env={**os.environ, "RUN_CUDA_EMULATOR": "1"})
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == expected.stdout
+
+
 def test_chat_refusals_are_one_line(tmp_path, tiny_models):
     model = tiny_models["run"]
     refuses = hf_folder(tmp_path / "refuses", smollm_config(chat_template=(
