@@ -295,7 +295,8 @@ def _environment():
 # What a conversation is fed as, what ends a reply, and how the reply's tokens print and read back.
 
 class TemplateFormat:
-    """A Hugging Face tokenizer (llama2_cython.bpe) and its chat template."""
+    """A Hugging Face tokenizer and its chat template. The tokenizer is llama2_cython.bpe's, or one
+    that wraps it: encode(text, add_special_tokens), decode(ids), piece(id), eos_ids, source."""
 
     def __init__(self, tokenizer, template):
         self.tokenizer = tokenizer
@@ -303,7 +304,7 @@ class TemplateFormat:
         stop = list(tokenizer.eos_ids)
         eos = template.special_tokens.get("eos_token")
         if eos is not None:
-            ids = tokenizer.encode(eos, add_special_tokens=False)
+            ids = tokenizer.encode(eos, False)
             if len(ids) != 1:
                 raise LlamaError(f"{template.source}: eos_token {eos!r} is not one token of "
                                  f"{tokenizer.source} but {len(ids)}")
@@ -325,7 +326,9 @@ class TemplateFormat:
 
     def prompt(self, messages):
         text = self.template.render(messages, add_generation_prompt=True)
-        return ChatPrompt(self.tokenizer.encode(text, add_special_tokens=False), text)
+        # no special tokens added: the template writes them (encode's second argument is
+        # add_special_tokens, or bos for a wrapper that takes run.c's arguments)
+        return ChatPrompt(self.tokenizer.encode(text, False), text)
 
     def printer(self):
         """token -> the bytes to print: the token's own bytes (a character may span tokens)."""
