@@ -13,6 +13,15 @@ def logits(prog, model, tokens):
     return [transformer.forward(token, pos).tolist() for pos, token in enumerate(tokens)]
 
 
+def logits_npy(prog, model, tokens, out):
+    """logits(), saved as one float32 array (positions, vocab) in the .npy file out: at 128k tokens
+    a vocabulary's logits are too many floats to pass as JSON quickly."""
+    import numpy as np
+    transformer = importlib.import_module(prog).Transformer(model)
+    np.save(out, np.stack([transformer.forward(token, pos) for pos, token in enumerate(tokens)]))
+    return out
+
+
 def encode(prog, tokenizer, vocab_size, cases):
     """prog's encode() of each case's text, with its bos and eos flags."""
     tok = importlib.import_module(prog).Tokenizer(tokenizer, vocab_size)
