@@ -39,12 +39,12 @@ cdef bint ends_sequence(tokenizer, int token, bint sampled) except -1:
 cdef bytes printed_piece(tokenizer, int prev_token, int token):
     # run.c: the piece decode() gives, when safe_printf would print it (else None); Hugging Face:
     # the token's raw bytes, which may be part of a UTF-8 character (b"" for an id past the
-    # tokenizer's vocabulary)
+    # tokenizer's vocabulary; a sentencepiece-style piece right after BOS without its space)
     cdef const char* piece
     if isinstance(tokenizer, Tokenizer):
         piece = decode(<Tokenizer>tokenizer, prev_token, token)
         return <bytes>piece if printable_piece(piece) else None
-    return tokenizer.piece(token)
+    return tokenizer.piece(token, prev_token)
 
 cdef Tokenizer chat_tokenizer(tokenizer):
     # chat() renders run.c's Llama 2 "[INST]" schema and stops at its EOS (=2): tokenizer.bin's

@@ -171,6 +171,9 @@ class BpeTokenizer:
         # (id -> token text, [token texts] -> text) as tokenizers' decoder does it; None: the
         # pieces' bytes joined (ByteLevel)
         self._decoder = decoder
+        # the decoder drops the text's first space (sentencepiece-style: Strip, or Metaspace with
+        # a prefix): whoever prints pieces one by one drops it too, as run.c does after BOS
+        self.strips_first_space = decoder is not None and decoder[2]
         self._prefix_ids = list(prefix_ids)
         self._suffix_ids = list(suffix_ids)
         self.bos_id = prefix_ids[0] if prefix_ids else None
@@ -249,7 +252,7 @@ class BpeTokenizer:
                 kept.append(token_id)
         if self._decoder is None:
             return b"".join(self._piece_bytes[i] for i in kept).decode("utf-8", "replace")
-        tokens, decode_tokens = self._decoder
+        tokens, decode_tokens, _ = self._decoder
         return decode_tokens([tokens[i] for i in kept])
 
 
@@ -770,11 +773,13 @@ def _metaspace_each(replacement, first):
 
 
 def _spm_decoder(fields):
-    """(decode: [token texts] -> text, piece: token text -> bytes) for a sentencepiece-style
-    decoder: Metaspace, or a Sequence of Replace (String), ByteFallback, Fuse and Strip, applied
-    to the list of tokens as tokenizers does. piece() is the token alone through the Replaces,
-    Metaspaces and ByteFallback (<0xNN>: the byte itself), not stripped."""
+    """(decode: [token texts] -> text, piece: token text -> bytes, strips: whether decode drops
+    the text's first space) for a sentencepiece-style decoder: Metaspace, or a Sequence of Replace
+    (String), ByteFallback, Fuse and Strip, applied to the list of tokens as tokenizers does.
+    piece() is the token alone through the Replaces, Metaspaces and ByteFallback (<0xNN>: the byte
+    itself), not stripped."""
     stages = []
+    strips = False
     steps = []  # piece(): (old, new) replacements in order, None where ByteFallback is
     for part in _sequence_parts(fields, "decoders"):
         kind = part.get("type", (str,))
@@ -796,8 +801,11 @@ def _spm_decoder(fields):
             if part.get("stop", (int,)) != 0:
                 part.fail(f"{part.where}.stop is not 0: not supported")
             stages.append(_strip_each(content, start))
+            # after Fuse, the text's first token is the whole text
+            strips = strips or (content == " " and start > 0 and _fuse in stages)
         elif kind == "Metaspace":
             replacement, scheme = _metaspace_options(part)
+            strips = strips or scheme != "never"
             stages.append(_metaspace_each(replacement, " " if scheme == "never" else ""))
             steps.append((replacement, " "))
         else:
@@ -818,7 +826,7 @@ def _spm_decoder(fields):
                 if match:
                     return bytes([int(match.group(1), 16)])
         return token.encode("utf-8")
-    return decode, piece
+    return decode, piece, strips
 
 
 def _post_processor_ids(fields, vocab_size):
@@ -888,6 +896,10 @@ def _load_tokenizer_json(path, configs):
     for key in ("truncation", "padding"):
         if doc.get(key, (dict, list, str, int, bool, None), None) is not None:
             doc.fail(f"{key} is not null: not supported")
+    model = doc.sub("model")
+    kind = model.get("type", (str,), None)
+    if kind != "BPE":
+        model.fail(f"model type {kind!r} is not supported (only \"BPE\")")
     decoder = doc.sub("decoder", (dict, None))
     byte_level = decoder is not None and decoder.get("type", (str,)) == "ByteLevel"
     if byte_level:
@@ -898,12 +910,8 @@ def _load_tokenizer_json(path, configs):
         if decoder is None:
             doc.fail("decoder None is not supported (only ByteLevel, or Metaspace, Replace, "
                      "ByteFallback, Fuse and Strip)")
-        decode_tokens, spm_piece = _spm_decoder(decoder)
+        decode_tokens, spm_piece, strips_first_space = _spm_decoder(decoder)
         normalize = _normalizer(doc.sub("normalizer", (dict, None), None))
-    model = doc.sub("model")
-    kind = model.get("type", (str,), None)
-    if kind != "BPE":
-        model.fail(f"model type {kind!r} is not supported (only \"BPE\")")
     if model.get("dropout", (int, float, None), None) is not None:
         model.fail("model.dropout is set: BPE dropout is random, not supported")
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
@@ -1016,7 +1024,7 @@ def _load_tokenizer_json(path, configs):
         bpe = _chars_bpe(vocab, merges, vocab.get(unk_token), fuse_unk, byte_fallback)
         token_texts = [texts[i] for i in range(vocab_size)]
         piece_bytes = [spm_piece(token) for token in token_texts]
-        decoder = (token_texts, decode_tokens)
+        decoder = (token_texts, decode_tokens, strips_first_space)
     prefix, suffix = _post_processor_ids(doc.sub("post_processor", (dict, None), None), vocab_size)
 
     by_content = {token: token_id for token_id, token in tokens.items()}

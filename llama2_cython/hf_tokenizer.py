@@ -101,6 +101,7 @@ class HFTokenizer:
         self.eos_ids = frozenset(tokenizer.eos_ids)
         self._pieces = [tokenizer.piece(i) for i in range(tokenizer.vocab_size)]
         self._pieces += [b""] * (vocab_size - tokenizer.vocab_size)
+        self._strips_first_space = getattr(tokenizer, "strips_first_space", False)
 
     def prompt_tokens(self, prompt):
         """The ids generate() starts from: encode(prompt) with the special tokens the tokenizer's
@@ -113,13 +114,23 @@ class HFTokenizer:
 
     def first_piece(self, prompt_tokens):
         """What is printed for the prompt's first token: nothing for BOS (run.c never prints the
-        token it starts from), the token's bytes for any other."""
+        token it starts from), the token's bytes for any other (the text's first piece)."""
         first = prompt_tokens[0]
-        return b"" if first == self.bos_id else self._pieces[first]
+        return b"" if first == self.bos_id else self._text_start(self._pieces[first])
 
-    def piece(self, token):
-        """The bytes printed for token: raw, a UTF-8 character can be split over tokens."""
-        return self._pieces[token]
+    def piece(self, token, prev_token=None):
+        """The bytes printed for token after prev_token: raw, a UTF-8 character can be split over
+        tokens. A sentencepiece-style tokenizer's decoder drops the text's first space: the
+        piece right after BOS loses it, run.c's rule for Llama 2's tokenizer.bin."""
+        piece = self._pieces[token]
+        if prev_token is not None and prev_token == self.bos_id:
+            return self._text_start(piece)
+        return piece
+
+    def _text_start(self, piece):
+        if self._strips_first_space and piece[:1] == b" ":
+            return piece[1:]
+        return piece
 
     def encode(self, text, bos=True, eos=False):
         """tokenizers' encode(text, add_special_tokens=bos).ids: bos adds what the post-processor

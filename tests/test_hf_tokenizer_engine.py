@@ -195,6 +195,45 @@ def test_generation_stops_at_a_sampled_eos(smol, smol_reference, prog, tmp_path)
     assert texts == [expected, expected]
 
 
+@pytest.mark.parametrize("layout", ["legacy", "first"])
+def test_sentencepiece_style_prints_run_cs_text(layout, tmp_path):
+    """A Llama-2-style tokenizer.json (TinyLlama's kind: "\u2581" marks, byte fallback, a decoder
+    that drops the text's first space) made from tok512.bin: the text printed is tokenizers'
+    decode of the printed ids, which drops the first space as run.c drops the one after BOS; with
+    tok512.bin itself run prints the same text."""
+    from tests.test_bpe_spm import make_spm_json
+    reference = make_spm_json(tmp_path / "tokenizer.json", TESTDATA / "tok512.bin", layout)
+    model = TinyModel(tmp_path, 512, seed=3)
+    prompt = "Once upon a time"
+    prompt_ids = reference.encode(prompt).ids
+    assert prompt_ids[0] == 1
+    fed = greedy(model.forward("run"), prompt_ids, STEPS)
+    expected = reference.decode(fed, skip_special_tokens=True)
+    assert not expected.startswith(" ") and reference.id_to_token(fed[0]).startswith("\u2581")
+    # the pieces' bytes ("\u2581" a space, <0xNN> the byte): tokenizers' decode where they are
+    # UTF-8 (it makes each byte of an invalid run a U+FFFD, as printing raw bytes cannot)
+    pieces = [bytes([int(t[3:5], 16)]) if len(t) == 6 and t.startswith("<0x") else
+              t.replace("\u2581", " ").encode() for t in map(reference.id_to_token, fed)]
+    expected_bytes = b"".join(pieces)[1:]
+    outputs = []
+    for tokenizer in (tmp_path / "tokenizer.json", TESTDATA / "tok512.bin"):
+        proc = run_cli("run", [model.paths["run"], "-z", tokenizer, "-i", prompt, "-n", STEPS,
+                               "-t", 0])
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    assert outputs[0] == expected_bytes + b"\n"
+    try:
+        assert expected_bytes.decode("utf-8") == expected
+    except UnicodeDecodeError:
+        pass
+    # run.c prints the same pieces but a single byte that is neither printable nor space
+    shown = [p for p in pieces if len(p) > 1 or 32 <= p[0] < 127 or p in b"\t\n\v\f\r"]
+    assert outputs[1] == b"".join(shown)[1:] + b"\n"
+    m = run.Model(str(model.paths["run"]), str(tmp_path / "tokenizer.json"))
+    text = "".join(m.generate(prompt, steps=STEPS, temperature=0))
+    assert text == expected_bytes.decode("utf-8", "replace")
+
+
 def gpt2_tokenizer_json(folder):
     """OpenAI's encoder.json and vocab.bpe, read by tokenizers and saved as a tokenizer.json."""
     from tokenizers import decoders, models, pre_tokenizers
