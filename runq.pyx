@@ -536,8 +536,25 @@ cdef extern from *:
         uintptr_t end = ((uintptr_t)p + (uintptr_t)bytes + page - 1) & ~(page - 1);
         madvise((void*)start, end - start, MADV_DONTNEED);
     }
+    /* the pages of a mapped file read in and mapped now, huge where the page cache gives them
+     * (MADV_HUGEPAGE first: readahead then reads in 2 MB folios): fewer TLB misses in decode.
+     * MADV_POPULATE_READ (Linux 5.14) does what MAP_POPULATE does at mmap time; elsewhere the
+     * pages are read ahead (MADV_WILLNEED) and mapped as they are first touched */
+    static void runq_map_now(const void* p, int64_t bytes) {
+        void* start = (void*)((uintptr_t)p & ~((uintptr_t)sysconf(_SC_PAGESIZE) - 1));
+        size_t length = (size_t)((const char*)p + bytes - (const char*)start);
+    #ifdef MADV_HUGEPAGE
+        madvise(start, length, MADV_HUGEPAGE);
+    #endif
+    #ifdef __linux__
+        if (madvise(start, length, 22 /* MADV_POPULATE_READ */) == 0)
+            return;
+    #endif
+        madvise(start, length, MADV_WILLNEED);
+    }
     #else
     static void runq_drop_pages(const void* p, int64_t bytes) { (void)p; (void)bytes; }
+    static void runq_map_now(const void* p, int64_t bytes) { (void)p; (void)bytes; }
     #endif
 
     /* fn(arg, i, n) for i = 0 .. n-1, on n threads (the calling one included), returning when all
@@ -575,6 +592,7 @@ cdef extern from *:
     #endif
     """
     void runq_drop_pages(const void* p, int64_t bytes) noexcept nogil
+    void runq_map_now(const void* p, int64_t bytes) noexcept nogil
     ctypedef void (*runq_share_fn)(void* arg, int64_t first, int64_t step) noexcept nogil
     void runq_run_shares(runq_share_fn fn, void* arg, int n) noexcept nogil
 
@@ -771,11 +789,11 @@ cdef ensure_rows(Transformer t):
 cdef read_checkpoint(Transformer t, checkpoint, bint pack):
     # runq.c freads the header and mmaps the file, trusting every number in it; here map_model
     # checks the magic number, the version, the group size and every size against the file first.
-    # The pages are mapped at once (populate) unless a copy in the other layout is to be made
-    # (pack_weights for a v2 file, unpack_weights for a packed one): it maps each piece as it
-    # reads it, and lets it go
+    # The pages of a v2 file are mapped at once (populate) unless pack_weights is to copy them: it
+    # maps each piece as it reads it, and lets it go (unpack_weights likewise from a packed file;
+    # build_transformer maps the pages of a packed file it multiplies from)
     header, t._mmap = map_model(checkpoint, True, "runq",
-                                populate=lambda header: bool(header.layout) == (pack and Q8_PACKED))
+                                populate=lambda header: not header.layout and not (pack and Q8_PACKED))
     t._data = t._mmap
     t.c_config = header.config
     t.version = header.version
@@ -806,8 +824,12 @@ cdef build_transformer(Transformer t, checkpoint_path, bint pack):
     # read in the Config and the Weights from the checkpoint
     read_checkpoint(t, checkpoint_path, pack)
     if t.header.layout and pack and Q8_PACKED:
-        # the file holds the matrices packed: forward_batch multiplies them where they lie
+        # the file holds the matrices packed: forward_batch multiplies them where they lie, and
+        # processes that run the file share its pages (the page cache's)
         t.packed = True
+        if t.file_size <= available_memory():  # (else map_model warned: read from disk)
+            with nogil:
+                runq_map_now(&t._data[0], t.file_size)
     elif t.header.layout:
         # no packed kernel in this build (or pack=False): runq.c's rows, from the packed file
         unpack_weights(t, True)
