@@ -239,3 +239,13 @@ def test_packed_refusals(tmp_path, args, message):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_bench_writes_the_packed_twin_of_its_random_file(tmp_path):
+    # tools/bench.py --packed writes the big shapes' packed files directly, with the same values
+    from tools import bench
+    config = MODELS["gqa_untied_gs64"][0]
+    bench.write_random_q80(tmp_path / "v2.bin", config)
+    bench.write_random_q80(tmp_path / "direct.bin", config, packed=True)
+    assert cli(tmp_path / "packed.bin", "--packed", "--bin", tmp_path / "v2.bin").returncode == 0
+    assert (tmp_path / "direct.bin").read_bytes() == (tmp_path / "packed.bin").read_bytes()
