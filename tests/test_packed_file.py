@@ -249,3 +249,42 @@ def test_bench_writes_the_packed_twin_of_its_random_file(tmp_path):
     bench.write_random_q80(tmp_path / "direct.bin", config, packed=True)
     assert cli(tmp_path / "packed.bin", "--packed", "--bin", tmp_path / "v2.bin").returncode == 0
     assert (tmp_path / "direct.bin").read_bytes() == (tmp_path / "packed.bin").read_bytes()
+
+
+LOAD_PROBE = r"""
+import resource, sys
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+import runq, numpy
+before, anon = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, status("RssAnon")
+t = runq.Transformer(sys.argv[1])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+for pos in range(8):
+    t.forward(1 + pos, pos)
+print(before, peak, status("VmRSS"), status("RssAnon") - anon, t.packed)
+"""
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_a_packed_file_holds_about_the_file_while_loading_and_after(tmp_path, build):
+    """Resident memory at most the file's size plus 5% at every moment of loading and after, in
+    both builds: the fast one maps the file and copies nothing (on AVX-512 VNNI: no anonymous
+    memory but buffers), the exact one unpacks it into rows while handing the file's pages back."""
+    from tests.helpers import build_root
+    from tools import bench
+    path = tmp_path / "110M_packed.bin"
+    bench.write_random_q80(path, bench.SHAPES["110M"], seed=1, packed=True)
+    size = path.stat().st_size
+    proc = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(path)], cwd=build_root(build),
+                          capture_output=True, text=True, check=True)
+    before, peak, after, anon, packed = proc.stdout.split()
+    slack = 1.05 * size + 24e6  # as test_big_models.py's for a v2 file
+    assert int(peak) - int(before) < slack, (int(peak) - int(before), size)
+    assert int(after) - int(before) < slack
+    mapped = build == "fast" and in_build("fast", "int8_kernel") == "avx512vnni"
+    assert packed == str(mapped)
+    if mapped:
+        assert int(anon) < 24e6, anon  # the run and batch states, the interpreter's growth
+    else:
+        assert int(anon) > 0.75 * size  # the rows (the embedding table is read from the file)
