@@ -234,7 +234,8 @@ cdef class Transformer:
         """Zero-copy numpy views of the mapped weights, named as in runq.c: float32 arrays for the
         rmsnorm weights, (int8 values, float32 scales) pairs for the quantized matrices, whose
         scales cover group_size consecutive values of one layer's matrix in row-major order.
-        token_embedding_table is the quantized table (runq.c's q_tokens)."""
+        token_embedding_table is the quantized table (runq.c's q_tokens). A file that holds the
+        matrices packed has them viewed in rows unpacked into memory the first time."""
         import numpy as np
         cdef Config* p = &self.c_config
         cdef TransformerWeights* w = &self.c_weights
@@ -792,8 +793,8 @@ cdef read_checkpoint(Transformer t, checkpoint, bint pack):
     # The pages of a v2 file are mapped at once (populate) unless pack_weights is to copy them: it
     # maps each piece as it reads it, and lets it go (unpack_weights likewise from a packed file;
     # build_transformer maps the pages of a packed file it multiplies from)
-    header, t._mmap = map_model(checkpoint, True, "runq",
-                                populate=lambda header: not header.layout and not (pack and Q8_PACKED))
+    header, t._mmap = map_model(checkpoint, True, "runq", populate=lambda header: (
+        not header.layout and not (pack and Q8_PACKED)))
     t._data = t._mmap
     t.c_config = header.config
     t.version = header.version

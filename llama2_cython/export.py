@@ -304,10 +304,10 @@ class FileSource:
             size = values + 4 * (values // header.group_size) if header.quantized and key not in NORMS \
                 else 4 * values
             if header.layout and key not in NORMS and key != "token_embedding_table":
-                if key == MATRICES[1]:
+                if key == "wq":  # the packed matrices start aligned (formats.packed_start)
                     offset = formats.packed_start(header)
-                size = sum(n * b for n, b in zip(
-                    formats.packed_size(*shape[-2:], header.group_size), (1, 4)))
+                values, scales = formats.packed_size(*shape[-2:], header.group_size)
+                size = values + 4 * scales
             self._offsets[key] = (offset, size)
             offset += count * size
         (log or _silent)(f"read {path}: version {header.version}, {header.describe()}, "
