@@ -1,7 +1,7 @@
 # Included by run.pyx and runq.pyx after their generate() (written once: it has no twin in the C,
 # and is the same for both): generate() for several sequences at once.
 
-def generate_batch(Transformer transformer, Tokenizer tokenizer, list samplers, list prompts,
+def generate_batch(Transformer transformer, tokenizer, list samplers, list prompts,
                    list steps, stopped=()):
     """generate() for several prompts at once, each with its own sampler and step count, on run
     states of their own: every prompt is fed together (as generate() does), then each pass of
@@ -11,28 +11,30 @@ def generate_batch(Transformer transformer, Tokenizer tokenizer, list samplers, 
     and steps, on every build (forward_batch gives a token the same bits however it is batched).
     A sequence whose index the caller puts in stopped is dropped at the next pass."""
     cdef int n = len(prompts), i, b, B, next
-    steps = list(steps)  # this generation's own: a sequence's ends when it meets BOS
+    steps = list(steps)  # this generation's own: a sequence's ends when it meets BOS (or EOS)
     cdef list states = [transformer.with_new_state() for _ in range(n)]  # a KV cache each
-    cdef list prompt_tokens = [encode(tokenizer, p.encode("utf-8", "surrogateescape")
-                                      if isinstance(p, str) else (p or b""), 1, 0) for p in prompts]
+    cdef list prompt_tokens = [prompt_tokens_of(tokenizer, p) for p in prompts]
     cdef list pos = [0] * n, token = [t[0] for t in prompt_tokens], live = []
     cdef BatchEntry batch[MAX_BATCH]
     cdef Transformer state
     cdef BatchState* bs
-    cdef const char* piece
+    cdef bytes piece
     cdef int vocab_size = transformer.c_config.vocab_size
     # the prompts: generate()'s loop up to the last prompt token, whose logits need no sampling
     for i in range(n):
+        piece = first_piece(tokenizer, prompt_tokens[i])
+        if piece:
+            yield i, piece
         prefilled = prefill(states[i], prompt_tokens[i], min(len(prompt_tokens[i]) - 1, steps[i]))
         while pos[i] < prefilled:
             next = prompt_tokens[i][pos[i] + 1]
             pos[i] += 1
-            if next == 1:
+            if ends_sequence(tokenizer, next, False):
                 steps[i] = pos[i]  # ends this sequence, as generate()'s break does
                 break
-            piece = decode(tokenizer, token[i], next)
-            if printable_piece(piece):
-                yield i, <bytes>piece
+            piece = printed_piece(tokenizer, token[i], next)
+            if piece:
+                yield i, piece
             token[i] = next
         if pos[i] < steps[i]:
             live.append(i)
@@ -60,11 +62,11 @@ def generate_batch(Transformer transformer, Tokenizer tokenizer, list samplers, 
                 else:
                     next = sample(samplers[i], bs.logits + <Py_ssize_t>b * vocab_size)
                 pos[i] += 1
-                if next == 1:
+                if ends_sequence(tokenizer, next, pos[i] >= len(prompt_tokens[i])):
                     steps[i] = pos[i]  # ends this sequence, as generate()'s break does
                     continue
-                piece = decode(tokenizer, token[i], next)
-                if printable_piece(piece):
-                    yield i, <bytes>piece
+                piece = printed_piece(tokenizer, token[i], next)
+                if piece:
+                    yield i, piece
                 token[i] = next
         live = [i for i in live if pos[i] < steps[i] and i not in stopped]

@@ -3,8 +3,9 @@
  *
  * runq.pyx's matmul and matmul_batch call q8_matmul_block for blocks of Q8_ROWS rows (OpenMP
  * spreads the blocks), after q8_group_sums gave each token's sum of x per group; on AVX-512 VNNI
- * matmul_batch calls q8_matmul_block_packed instead, on the copy runq.pyx packs at load (see
- * q8_pack_block), with the same results. For row i and token t the result is runq.c's loop:
+ * matmul_batch calls q8_matmul_block_packed instead, on the matrices runq.pyx packs at load or
+ * maps packed from a file (see the packed layout below), with the same results. For row i and
+ * token t the result is runq.c's loop:
  *
  *     for each group g, in order:  val += (float)(integer dot product of the group) * ws[g] * xs[g]
  *
@@ -164,6 +165,71 @@ Q8_INLINE void q8_block_plain(float* out, int d, int row0, int rows, const int8_
         for (int t = 0; t < T; t++)
             out[(int64_t)t * d + i] = q8_row_plain(xq + t * xstride, xs + t * xstride, wq + i * n,
                                                    ws + i * (n / gs), n, gs);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The packed layout: what q8_block16_many makes of every 16 rows and 64 columns for each batch,
+ * made once for all tokens and batches. runq.pyx packs each matrix at load (q8_pack_block, AVX-512
+ * VNNI only), or reads it so from a file (llama2_cython/formats.py's layout 1; export.py's
+ * --packed), which builds without the packed kernel unpack (q8_unpack_block). A block of 16 rows is
+ * ceil(n / 64) chunks of 1024 bytes; in chunk c, 64-byte vector k holds, for rows r = 0 .. 15 in
+ * turn, the 4 bytes 64c + 4k .. 64c + 4k + 3 of row r, as w + 128 (rows past d and columns past n
+ * are 0, stored as 128). Its scales follow the rows the same way: 16 floats per group, lane r =
+ * row r's (0 past d). One token then needs per 64 bytes of weights one vpdpbusd and one broadcast
+ * of x, instead of q8_block16_one's loads, byte flips and tree of 30 shuffles, and each thread
+ * reads one contiguous stream, which the hardware prefetcher follows. The sums are the same
+ * integers, and the float step the same, so every result is q8_block_simd's bits. The kernel
+ * reads the vectors aligned: a packed matrix starts at a multiple of 64 bytes. */
+
+static int64_t q8_packed_bytes(int d, int n) {
+    return (int64_t)((d + 15) / 16) * ((n + 63) / 64) * 1024;
+}
+
+static int64_t q8_packed_scales(int d, int n, int gs) {
+    return (int64_t)((d + 15) / 16) * (n / gs) * 16;
+}
+
+/* rows block * 16 .. of W (d, n) (values wq, scales ws) into the packed layout at pq and ps, a byte
+ * at a time: the definition, which q8_pack_block's vector code must match (tests/q8matmul_check.c;
+ * inline only so that builds where nothing else calls it get no unused-function warning) */
+static inline void q8_pack_block_plain(int8_t* pq, float* ps, int64_t block, const int8_t* wq,
+                                       const float* ws, int d, int n, int gs) {
+    int chunks = (n + 63) / 64, groups = n / gs;
+    int8_t* bq = pq + block * chunks * 1024;
+    float* bs = ps + block * groups * 16;
+    for (int r = 0; r < 16; r++) {
+        int64_t i = block * 16 + r;
+        for (int j = 0; j < chunks * 64; j += 4) {  /* n is a multiple of gs: 4 bytes or none */
+            uint32_t v = 0;
+            if (i < d && j < n)
+                memcpy(&v, wq + i * n + j, 4);
+            v ^= 0x80808080u;
+            memcpy(bq + (j / 64) * 1024 + ((j % 64) / 4) * 64 + r * 4, &v, 4);
+        }
+        for (int g = 0; g < groups; g++)
+            bs[g * 16 + r] = i < d ? ws[i * groups + g] : 0.0f;
+    }
+}
+
+/* the inverse: rows block * 16 .. (at most d) of the packed pq and ps back into W's rows at wq and
+ * ws (the padding is dropped), for every build; a block's 16 rows stay in cache while each is
+ * gathered 4 bytes at a time */
+static void q8_unpack_block(int8_t* wq, float* ws, int64_t block, const int8_t* pq, const float* ps,
+                            int d, int n, int gs) {
+    int chunks = (n + 63) / 64, groups = n / gs;
+    const int8_t* bq = pq + block * chunks * 1024;
+    const float* bs = ps + block * groups * 16;
+    for (int r = 0; r < 16 && block * 16 + r < d; r++) {
+        int64_t i = block * 16 + r;
+        for (int j = 0; j < n; j += 4) {
+            uint32_t v;
+            memcpy(&v, bq + (j / 64) * 1024 + ((j % 64) / 4) * 64 + r * 4, 4);
+            v ^= 0x80808080u;
+            memcpy(wq + i * n + j, &v, 4);
+        }
+        for (int g = 0; g < groups; g++)
+            ws[i * groups + g] = bs[g * 16 + r];
     }
 }
 
@@ -391,50 +457,11 @@ Q8_INLINE void q8_block_simd(float* out, int d, int row0, int rows, const int8_t
     }
 }
 
-/* The packed layout (runq.pyx packs each matrix once, at load): what q8_block16_many makes of
- * every 16 rows and 64 columns for each batch, made once for all tokens and batches. A block of 16
- * rows is ceil(n / 64) chunks of 1024 bytes; in chunk c, 64-byte vector k holds, for rows r = 0
- * .. 15 in turn, the 4 bytes 64c + 4k .. 64c + 4k + 3 of row r, as w + 128 (rows past d and
- * columns past n are 0, stored as 128). Its scales follow the rows the same way: 16 floats per
- * group, lane r = row r's (0 past d). One token then needs per 64 bytes of weights one vpdpbusd
- * and one broadcast of x, instead of q8_block16_one's loads, byte flips and tree of 30 shuffles,
- * and each thread reads one contiguous stream, which the hardware prefetcher follows. The sums
- * are the same integers, and the float step the same, so every result is q8_block_simd's bits */
-#define Q8_PACKED 1
+#define Q8_PACKED 1  /* this build multiplies in the packed layout */
 
-static int64_t q8_packed_bytes(int d, int n) {
-    return (int64_t)((d + 15) / 16) * ((n + 63) / 64) * 1024;
-}
-
-static int64_t q8_packed_scales(int d, int n, int gs) {
-    return (int64_t)((d + 15) / 16) * (n / gs) * 16;
-}
-
-/* rows block * 16 .. of W (d, n) (values wq, scales ws) into the packed layout at pq and ps, a byte
- * at a time: the definition, which q8_pack_block's vector code must match (tests/q8matmul_check.c;
- * inline only so that builds where nothing else calls it get no unused-function warning) */
-static inline void q8_pack_block_plain(int8_t* pq, float* ps, int64_t block, const int8_t* wq,
-                                       const float* ws, int d, int n, int gs) {
-    int chunks = (n + 63) / 64, groups = n / gs;
-    int8_t* bq = pq + block * chunks * 1024;
-    float* bs = ps + block * groups * 16;
-    for (int r = 0; r < 16; r++) {
-        int64_t i = block * 16 + r;
-        for (int j = 0; j < chunks * 64; j += 4) {  /* n is a multiple of gs: 4 bytes or none */
-            uint32_t v = 0;
-            if (i < d && j < n)
-                memcpy(&v, wq + i * n + j, 4);
-            v ^= 0x80808080u;
-            memcpy(bq + (j / 64) * 1024 + ((j % 64) / 4) * 64 + r * 4, &v, 4);
-        }
-        for (int g = 0; g < groups; g++)
-            bs[g * 16 + r] = i < d ? ws[i * groups + g] : 0.0f;
-    }
-}
-
-/* the same bytes, 64 columns of the 16 rows at a time: loaded, transposed as q8_block16_many
- * transposes them, flipped and stored: on one core here (AMD EPYC), 45 MB of 7B's w1 packed at
- * 1-3.5 GB/s with the byte loop above, 10.5 GB/s with this. Stores to a 64-byte aligned pq
+/* q8_pack_block_plain's bytes, 64 columns of the 16 rows at a time: loaded, transposed as
+ * q8_block16_many transposes them, flipped and stored: on one core here (AMD EPYC), 45 MB of 7B's
+ * w1 packed at 1-3.5 GB/s with the byte loop, 10.5 GB/s with this. Stores to a 64-byte aligned pq
  * bypass the cache (nothing reads the copy until decode) */
 static void q8_pack_block(int8_t* pq, float* ps, int64_t block, const int8_t* wq, const float* ws,
                           int d, int n, int gs) {
@@ -615,13 +642,10 @@ static void q8_matmul_block_packed(float* out, int d, int64_t block, const int8_
 }
 #else
 #define Q8_PACKED 0
-static int64_t q8_packed_bytes(int d, int n) { (void)d; (void)n; return 0; }
-static int64_t q8_packed_scales(int d, int n, int gs) { (void)d; (void)n; (void)gs; return 0; }
 static void q8_pack_block(int8_t* pq, float* ps, int64_t block, const int8_t* wq, const float* ws,
                           int d, int n, int gs) {
     (void)pq; (void)ps; (void)block; (void)wq; (void)ws; (void)d; (void)n; (void)gs;
 }
-#define q8_pack_block_plain q8_pack_block
 static void q8_matmul_block_packed(float* out, int d, int64_t block, const int8_t* xq,
                                    const int32_t* xsum, const float* xs, int T, int64_t xstride,
                                    const int8_t* pq, const float* ps, int n, int gs) {

@@ -22,7 +22,7 @@ import time as _pytime
 # what has no twin in run.c is written once for run, runq and run_cuda (llama2_cython/)
 from llama2_cython import LlamaError
 from llama2_cython.api import exclusive_state
-from llama2_cython.chat import chat_loop, load_tokenizer
+from llama2_cython.chat import chat_loop
 from llama2_cython.cli import ExitStatus, parse_args, read_line
 from llama2_cython.formats import map_model, rope_frequencies
 
@@ -1151,6 +1151,8 @@ cdef void queue_pair(Tokenizer t, const int* tokens, int left, int right, char* 
         item.right_id = tokens[right]
         heap_push(heap, heap_size, item)
 
+include "hf_tokenizer.pxi"  # a Hugging Face tokenizer in this one's place (not in run.c)
+
 # ----------------------------------------------------------------------------
 # The Sampler, which takes logits and returns a sampled token
 # sampling can be done in a few ways: greedy argmax, sampling, top-p sampling
@@ -1322,18 +1324,15 @@ def time_in_ms():
 # ----------------------------------------------------------------------------
 # generation loop
 
-def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int steps):
+def generate(transformer, tokenizer, Sampler sampler, prompt, int steps):
     """run.c's generate() as a generator: it yields each piece's bytes where run.c prints them
     (print_generation prints them for the command line; the API decodes them). It returns what
     print_generation reports: (tok/s of the tokens fed one at a time after the first, or None;
-    the number of prompt tokens fed together, and their tok/s)."""
-    if prompt is None:
-        prompt = b""
-    elif isinstance(prompt, str):
-        prompt = prompt.encode("utf-8", "surrogateescape")
-
-    # encode the (string) prompt into tokens sequence
-    cdef list prompt_tokens = encode(tokenizer, prompt, 1, 0)
+    the number of prompt tokens fed together, and their tok/s). The tokenizer is run.c's
+    Tokenizer or a Hugging Face one (load_tokenizer)."""
+    # encode the (string) prompt into tokens sequence (run.c's encode() with BOS, or a Hugging Face
+    # tokenizer's: hf_tokenizer.pxi has the points where the two differ)
+    cdef list prompt_tokens = prompt_tokens_of(tokenizer, prompt)
     cdef int num_prompt_tokens = len(prompt_tokens)
 
     # start the main loop
@@ -1342,11 +1341,15 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
     cdef int token = prompt_tokens[0]  # kick off with the first token in the prompt
     cdef int pos = 0  # position in the sequence
     cdef float[::1] logits
-    cdef const char* piece
+    cdef bytes piece
     cdef double prefill_start, prefill_seconds
     cdef int prefilled
     # no other thread or generation may run on this run state (KV cache) meanwhile
     with exclusive_state(transformer):
+        # not in run.c: a prompt that does not start with BOS (Hugging Face) prints its first token
+        piece = first_piece(tokenizer, prompt_tokens)
+        if piece:
+            yield piece
         # not in run.c: the prompt tokens whose logits go unused (all but the last) go through
         # the model together first (forward_batch); the loop below skips their forward()
         prefill_start = _pytime.perf_counter()
@@ -1368,13 +1371,14 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
             pos += 1
 
             # data-dependent terminating condition: the BOS (=1) token delimits sequences
-            if next == 1:
+            # (a Hugging Face tokenizer's: a sampled EOS)
+            if ends_sequence(tokenizer, next, pos >= num_prompt_tokens):
                 break
 
             # print the token as string, decode it with the Tokenizer object
-            piece = decode(tokenizer, token, next)
-            if printable_piece(piece):  # safe_printf's test; the consumer prints
-                yield <bytes>piece
+            piece = printed_piece(tokenizer, token, next)
+            if piece:  # safe_printf's test (run.c's Tokenizer); the consumer prints
+                yield piece
             token = next
 
             # init the timer here because the first iteration can be slower
@@ -1524,12 +1528,8 @@ def main(argv=None, prog="run", transformer_factory=None):
         if steps == 0 or steps > config["seq_len"]:
             steps = config["seq_len"]  # override to ~max length
 
-        # build the Tokenizer via the tokenizer .bin file (in chat mode, or a Hugging Face
-        # tokenizer: llama2_cython.chat.load_tokenizer)
-        if args["mode"] == "chat":
-            tokenizer = load_tokenizer(Tokenizer, args["tokenizer_path"], config["vocab_size"])
-        else:
-            tokenizer = Tokenizer(args["tokenizer_path"], config["vocab_size"])
+        # build the Tokenizer via the tokenizer .bin file (or a Hugging Face tokenizer)
+        tokenizer = load_tokenizer(args["tokenizer_path"], config["vocab_size"])
 
         # build the Sampler
         sampler = Sampler(config["vocab_size"], args["temperature"], args["topp"], args["rng_seed"])

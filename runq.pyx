@@ -35,6 +35,8 @@ cdef extern from "q8matmul.h" nogil:
     void q8_matmul_block_packed(float* out, int d, int64_t block, const int8_t* xq,
                                 const int32_t* xsum, const float* xs, int T, int64_t xstride,
                                 const int8_t* pq, const float* ps, int n, int gs)
+    void q8_unpack_block(int8_t* wq, float* ws, int64_t block, const int8_t* pq, const float* ps,
+                         int d, int n, int gs)
 
 import array
 import mmap
@@ -46,9 +48,10 @@ import time as _pytime
 # what has no twin in runq.c is written once for run, runq and run_cuda (llama2_cython/)
 from llama2_cython import LlamaError
 from llama2_cython.api import exclusive_state
-from llama2_cython.chat import chat_loop, load_tokenizer
+from llama2_cython.chat import chat_loop
 from llama2_cython.cli import ExitStatus, parse_args, read_line
-from llama2_cython.formats import available_memory, map_model, quantized_tensors, rope_frequencies
+from llama2_cython.formats import (available_memory, map_model, packed_start, quantized_tensors,
+                                   rope_frequencies)
 
 # which of q8matmul.h's kernels this build compiled: "avx512vnni", "avx2" or "plain"
 INT8_KERNEL = (<bytes>Q8_KERNEL).decode("ascii")
@@ -179,16 +182,19 @@ cdef class Transformer:
     cdef Transformer weights_owner
     cdef readonly object state_lock
     # forward_batch's weights: c_weights, or where q8matmul.h has a packed layout (pack_weights),
-    # the same with the matrices packed into packed_map, an anonymous memory map (owned by the
-    # weights' owner)
+    # the same with the matrices packed into packed_map, an anonymous memory map, or mapped from a
+    # file that holds them packed (layout 1), whose rows are then unpacked into rows_map where
+    # they are needed (unpack_weights); both maps are owned by the weights' owner
     cdef TransformerWeights c_packed
     cdef readonly bint packed
     cdef object packed_map
     cdef QuantizedTensor* packed_tensors
+    cdef object rows_map
 
     def __init__(self, checkpoint_path, *, bint pack=True):
-        """pack=False: forward_batch reads the mapped file, without the packed copy of the
-        matrices (pack_weights; the same results, slower on AVX-512 VNNI, less memory)."""
+        """pack=False: forward_batch multiplies the matrices in runq.c's rows, read from the
+        mapped file without a packed copy (pack_weights), or unpacked from a file that holds them
+        packed (the same results, slower on AVX-512 VNNI; less memory for a v2 file)."""
         build_transformer(self, checkpoint_path, pack)
 
     def with_new_state(self):
@@ -229,12 +235,18 @@ cdef class Transformer:
         """Zero-copy numpy views of the mapped weights, named as in runq.c: float32 arrays for the
         rmsnorm weights, (int8 values, float32 scales) pairs for the quantized matrices, whose
         scales cover group_size consecutive values of one layer's matrix in row-major order.
-        token_embedding_table is the quantized table (runq.c's q_tokens)."""
+        token_embedding_table is the quantized table (runq.c's q_tokens). A file that holds the
+        matrices packed has them viewed in rows unpacked into memory the first time."""
         import numpy as np
         cdef Config* p = &self.c_config
         cdef TransformerWeights* w = &self.c_weights
         cdef Py_ssize_t L = p.n_layers, dim = p.dim
         cdef const char* origin = <const char*>&self._data[0]
+        cdef const char* rows_origin = NULL
+        ensure_rows(self)
+        rows_map = (self.weights_owner or self).rows_map  # a packed file's matrices, unpacked
+        if rows_map is not None:
+            rows_origin = address_of(rows_map)
         views = {
             "rms_att_weight": np.frombuffer(self._mmap, np.float32, L * dim,
                                             <const char*>w.rms_att_weight - origin).reshape(L, dim),
@@ -248,10 +260,13 @@ cdef class Transformer:
             qt = tensor_of(w, name)
             # a layer's values and scales follow each other, so layer l + 1 starts one tensor later
             step = rows * cols + 4 * (rows * cols // self.group_size)
-            q = np.ndarray((count, rows, cols), np.int8, self._mmap,
-                           <const char*>qt.q - origin, (step, cols, 1))
-            s = np.ndarray((count, rows * cols // self.group_size), np.float32, self._mmap,
-                           <const char*>qt.s - origin, (step, 4))
+            buffer, start = self._mmap, origin
+            if rows_map is not None and name != "token_embedding_table":
+                buffer, start = rows_map, rows_origin
+            q = np.ndarray((count, rows, cols), np.int8, buffer, <const char*>qt.q - start,
+                           (step, cols, 1))
+            s = np.ndarray((count, rows * cols // self.group_size), np.float32, buffer,
+                           <const char*>qt.s - start, (step, 4))
             views[name] = (q[0], s[0]) if name in ("token_embedding_table", "wcls") else (q, s)
         if self.shared_classifier:
             views["wcls"] = views["token_embedding_table"]
@@ -267,6 +282,8 @@ cdef class Transformer:
         if not 0 <= pos < self.c_config.seq_len:
             raise ValueError(f"pos {pos} is outside the context [0, {self.c_config.seq_len})")
         cdef float* logits
+        if reference:
+            ensure_rows(self)
         with exclusive_state(self):
             with nogil:
                 logits = forward(self, token, pos) if reference else forward_next(self, token, pos)
@@ -430,6 +447,59 @@ cdef void memory_map_weights(TransformerWeights* w, Config* p, char* ptr, bint s
 
     w.wcls = w.q_tokens if shared_classifier else init_quantized_tensors(&ptr, 1, dim * vocab_size, GS)
 
+cdef QuantizedTensor* init_packed_tensors(char** ptr, QuantizedTensor* res, int n, int d, int cols,
+                                          int GS) noexcept:
+    # init_quantized_tensors for `n` (d, cols) matrices in q8matmul.h's packed layout, into res (not
+    # in runq.c): each one's packed values, then its packed scales
+    cdef char* p = ptr[0]
+    cdef int i
+    for i in range(n):
+        res[i].q = <int8_t*>p
+        p += q8_packed_bytes(d, cols)
+        res[i].s = <float*>p
+        p += q8_packed_scales(d, cols, GS) * sizeof(float)
+    ptr[0] = p
+    return res
+
+cdef QuantizedTensor* rows_to_come(int n) except NULL:
+    # `n` matrices whose rows unpack_weights makes when they are needed
+    cdef QuantizedTensor* res = <QuantizedTensor*>calloc(n, sizeof(QuantizedTensor))
+    if not res:
+        raise MemoryError()
+    return res
+
+cdef void memory_map_packed_weights(TransformerWeights* w, TransformerWeights* packed,
+                                    QuantizedTensor* slots, Config* p, char* ptr, char* packed_ptr,
+                                    bint shared_classifier, int GS) except *:
+    # a file whose matrices are packed (layout 1, not in runq.c): the norms and the token embedding
+    # table where memory_map_weights maps them; every matrix (the classifier always) packed from
+    # packed_ptr on, into `packed` (its 7 * n_layers + 1 tensors in slots); w's matrices get their
+    # rows from unpack_weights
+    cdef Py_ssize_t n_layers = p.n_layers, dim = p.dim
+    cdef int L = p.n_layers, kv_dim = p.n_kv_heads * (p.dim // p.n_heads)
+    cdef float* fptr = <float*>ptr
+    w.rms_att_weight = fptr
+    fptr += n_layers * dim
+    w.rms_ffn_weight = fptr
+    fptr += n_layers * dim
+    w.rms_final_weight = fptr
+    fptr += dim
+    ptr = <char*>fptr
+    w.q_tokens = init_quantized_tensors(&ptr, 1, p.vocab_size * dim, GS)
+    w.wq, w.wk, w.wv, w.wo = rows_to_come(L), rows_to_come(L), rows_to_come(L), rows_to_come(L)
+    w.w1, w.w2, w.w3 = rows_to_come(L), rows_to_come(L), rows_to_come(L)
+    w.wcls = w.q_tokens if shared_classifier else rows_to_come(1)
+
+    packed[0] = w[0]
+    packed.wq = init_packed_tensors(&packed_ptr, slots, L, p.dim, p.dim, GS)
+    packed.wk = init_packed_tensors(&packed_ptr, slots + L, L, kv_dim, p.dim, GS)
+    packed.wv = init_packed_tensors(&packed_ptr, slots + 2 * L, L, kv_dim, p.dim, GS)
+    packed.wo = init_packed_tensors(&packed_ptr, slots + 3 * L, L, p.dim, p.dim, GS)
+    packed.w1 = init_packed_tensors(&packed_ptr, slots + 4 * L, L, p.hidden_dim, p.dim, GS)
+    packed.w2 = init_packed_tensors(&packed_ptr, slots + 5 * L, L, p.dim, p.hidden_dim, GS)
+    packed.w3 = init_packed_tensors(&packed_ptr, slots + 6 * L, L, p.hidden_dim, p.dim, GS)
+    packed.wcls = init_packed_tensors(&packed_ptr, slots + 7 * L, 1, p.vocab_size, p.dim, GS)
+
 cdef QuantizedTensor* tensor_of(TransformerWeights* w, name) except NULL:
     # the mapped tensors by their name in quantized_tensors()
     cdef QuantizedTensor* tensors[9]
@@ -468,8 +538,25 @@ cdef extern from *:
         uintptr_t end = ((uintptr_t)p + (uintptr_t)bytes + page - 1) & ~(page - 1);
         madvise((void*)start, end - start, MADV_DONTNEED);
     }
+    /* the pages of a mapped file read in and mapped now, huge where the page cache gives them
+     * (MADV_HUGEPAGE first: readahead then reads in 2 MB folios): fewer TLB misses in decode.
+     * MADV_POPULATE_READ (Linux 5.14) does what MAP_POPULATE does at mmap time; elsewhere the
+     * pages are read ahead (MADV_WILLNEED) and mapped as they are first touched */
+    static void runq_map_now(const void* p, int64_t bytes) {
+        void* start = (void*)((uintptr_t)p & ~((uintptr_t)sysconf(_SC_PAGESIZE) - 1));
+        size_t length = (size_t)((const char*)p + bytes - (const char*)start);
+    #ifdef MADV_HUGEPAGE
+        madvise(start, length, MADV_HUGEPAGE);
+    #endif
+    #ifdef __linux__
+        if (madvise(start, length, 22 /* MADV_POPULATE_READ */) == 0)
+            return;
+    #endif
+        madvise(start, length, MADV_WILLNEED);
+    }
     #else
     static void runq_drop_pages(const void* p, int64_t bytes) { (void)p; (void)bytes; }
+    static void runq_map_now(const void* p, int64_t bytes) { (void)p; (void)bytes; }
     #endif
 
     /* fn(arg, i, n) for i = 0 .. n-1, on n threads (the calling one included), returning when all
@@ -507,39 +594,54 @@ cdef extern from *:
     #endif
     """
     void runq_drop_pages(const void* p, int64_t bytes) noexcept nogil
+    void runq_map_now(const void* p, int64_t bytes) noexcept nogil
     ctypedef void (*runq_share_fn)(void* arg, int64_t first, int64_t step) noexcept nogil
     void runq_run_shares(runq_share_fn fn, void* arg, int n) noexcept nogil
 
 cdef struct PackJob:
     const QuantizedTensor* src  # a matrix (d, n) in the file
-    QuantizedTensor* dst  # its packed copy
+    QuantizedTensor* dst  # its copy in the other layout
     int d, n
-    Py_ssize_t block0, block1  # the blocks of 16 rows this job packs
+    Py_ssize_t block0, block1  # the blocks of 16 rows this job copies
 
 cdef struct PackPlan:
     PackJob* jobs
     Py_ssize_t n_jobs
     int GS
+    bint unpack  # from the packed layout to rows (q8_unpack_block), else rows to packed
+    bint drop  # hand back the file pages each job read
 
 cdef void pack_jobs(void* plan, int64_t first, int64_t step) noexcept nogil:
-    # jobs first, first + step, ... of the PackPlan: pack their rows, then hand back the file
+    # jobs first, first + step, ... of the PackPlan: copy their rows, then hand back the file
     # pages they read
     cdef PackJob* jobs = (<PackPlan*>plan).jobs
     cdef Py_ssize_t n_jobs = (<PackPlan*>plan).n_jobs
     cdef int GS = (<PackPlan*>plan).GS
-    cdef Py_ssize_t j, block, row0, row1, groups
+    cdef bint unpack = (<PackPlan*>plan).unpack
+    cdef Py_ssize_t j, block, row0, row1, groups, chunk_bytes
     cdef const PackJob* job
     j = first
     while j < n_jobs:  # (range() with a variable step is not C in Cython)
         job = &jobs[j]
         j += step
+        groups = job.n // GS
+        if unpack:
+            for block in range(job.block0, job.block1):
+                q8_unpack_block(job.dst.q, job.dst.s, block, job.src.q, job.src.s, job.d, job.n, GS)
+            if (<PackPlan*>plan).drop:
+                chunk_bytes = (job.n + 63) // 64 * 1024
+                runq_drop_pages(job.src.q + job.block0 * chunk_bytes,
+                                (job.block1 - job.block0) * chunk_bytes)
+                runq_drop_pages(job.src.s + job.block0 * groups * 16,
+                                (job.block1 - job.block0) * groups * 16 * sizeof(float))
+            continue
         for block in range(job.block0, job.block1):
             q8_pack_block(job.dst.q, job.dst.s, block, job.src.q, job.src.s, job.d, job.n, GS)
-        row0 = job.block0 * 16
-        row1 = min(job.block1 * 16, <Py_ssize_t>job.d)
-        groups = job.n // GS
-        runq_drop_pages(job.src.q + row0 * job.n, (row1 - row0) * job.n)
-        runq_drop_pages(job.src.s + row0 * groups, (row1 - row0) * groups * sizeof(float))
+        if (<PackPlan*>plan).drop:
+            row0 = job.block0 * 16
+            row1 = min(job.block1 * 16, <Py_ssize_t>job.d)
+            runq_drop_pages(job.src.q + row0 * job.n, (row1 - row0) * job.n)
+            runq_drop_pages(job.src.s + row0 * groups, (row1 - row0) * groups * sizeof(float))
 
 def pack_threads():
     """Threads to pack with: OMP_NUM_THREADS when set (the threads the user gives runq), else
@@ -559,97 +661,141 @@ cdef char* address_of(buffer) except NULL:
 
 DEF PACK_JOB_BYTES = 1 << 21  # the file's bytes a job reads (about): its pages are held until it ends
 
+cdef object copy_matrices(list shapes, QuantizedTensor** sources, QuantizedTensor** copies, int GS,
+                          bint unpack, bint drop):
+    # the matrices sources[k][m] (shapes[k]: count, rows d, columns n) copied into the other
+    # layout (packed, or rows where unpack) in a new anonymous memory map, which is returned, with
+    # copies[k][m] pointed at each copy; None where there is no room for it (nothing copied).
+    # drop: each job hands back the file pages it read
+    cdef int k, m, count, d, n
+    cdef Py_ssize_t n_jobs = 0, blocks, step, b0
+    cdef PackJob* job
+    cdef PackPlan plan
+    if unpack:
+        sizes = [(<Py_ssize_t>d * n, <Py_ssize_t>d * n // GS * 4) for count, d, n in shapes]
+    else:
+        sizes = [(q8_packed_bytes(d, n), q8_packed_scales(d, n, GS) * 4) for count, d, n in shapes]
+    cdef Py_ssize_t total = sum(shape[0] * (values + scales)
+                                for shape, (values, scales) in zip(shapes, sizes))
+    # the copy is anonymous memory: without room for it, nothing is swapped out or killed. The
+    # file's own pages are reclaimable page cache.
+    if total > available_memory():
+        return None
+    try:
+        # private anonymous memory, touched only as it is written; huge pages where the kernel
+        # gives them on request: fewer page faults while copying, and fewer TLB misses in decode
+        # (7B on this project's VM: 1.22 of numpy's sgemv bandwidth with them, 0.86 without)
+        if hasattr(mmap, "MAP_PRIVATE"):
+            copy = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE)
+        else:  # Windows: anonymous maps take no flags
+            copy = mmap.mmap(-1, total)
+    except (OSError, ValueError):
+        return None
+    try:
+        copy.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):  # no such advice here: 4 KB pages
+        pass
+    for count, d, n in shapes:
+        step = max(1, PACK_JOB_BYTES // (16 * n))
+        n_jobs += count * (((d + 15) // 16 + step - 1) // step)
+    plan.jobs = <PackJob*>malloc(n_jobs * sizeof(PackJob))
+    if not plan.jobs:
+        return None
+    plan.n_jobs, plan.GS, plan.unpack, plan.drop = 0, GS, unpack, drop
+    cdef char* ptr = address_of(copy)  # page-aligned; a packed tensor's size is a multiple of 64
+    for k in range(len(shapes)):
+        count, d, n = shapes[k]
+        blocks = (d + 15) // 16
+        step = max(1, PACK_JOB_BYTES // (16 * n))
+        for m in range(count):
+            copies[k][m].q = <int8_t*>ptr
+            ptr += <Py_ssize_t>sizes[k][0]
+            copies[k][m].s = <float*>ptr
+            ptr += <Py_ssize_t>sizes[k][1]
+            for b0 in range(0, blocks, step):
+                job = &plan.jobs[plan.n_jobs]
+                job.src, job.dst, job.d, job.n = &sources[k][m], &copies[k][m], d, n
+                job.block0, job.block1 = b0, min(b0 + step, blocks)
+                plan.n_jobs += 1
+    cdef int threads = pack_threads()
+    with nogil:
+        runq_run_shares(pack_jobs, &plan, threads)
+    free(plan.jobs)
+    return copy
+
+cdef list matrix_shapes(Transformer t):
+    # (tensors, rows, columns) of the matrices forward_batch multiplies with, in c_weights' order
+    # (the file's), the classifier last
+    cdef Config* p = &t.c_config
+    cdef Py_ssize_t L = p.n_layers, dim = p.dim, hidden_dim = p.hidden_dim
+    cdef Py_ssize_t kv_dim = (dim * p.n_kv_heads) // p.n_heads
+    return [(L, dim, dim), (L, kv_dim, dim), (L, kv_dim, dim), (L, dim, dim),
+            (L, hidden_dim, dim), (L, dim, hidden_dim), (L, hidden_dim, dim), (1, p.vocab_size, dim)]
+
 cdef pack_weights(Transformer t):
     # c_packed: c_weights with the matrices packed, where q8matmul.h has the layout (Q8_PACKED),
     # the group size is 32 or 64 and every row is made of whole groups; else c_weights itself
     cdef Config* p = &t.c_config
     cdef TransformerWeights* w = &t.c_weights
-    cdef int GS = t.group_size
-    cdef Py_ssize_t L = p.n_layers, dim = p.dim, hidden_dim = p.hidden_dim
-    cdef Py_ssize_t kv_dim = (dim * p.n_kv_heads) // p.n_heads
-    cdef int k, m, count, d, n
-    cdef Py_ssize_t n_jobs = 0, blocks, step, b0
-    cdef char* ptr
-    cdef QuantizedTensor* dst
+    cdef int GS = t.group_size, k
     cdef QuantizedTensor* sources[8]
     cdef QuantizedTensor* packed[8]
-    cdef PackJob* job
-    cdef PackPlan plan
-    if not Q8_PACKED or GS not in (32, 64) or dim % GS or hidden_dim % GS:
+    if not Q8_PACKED or GS not in (32, 64) or p.dim % GS or p.hidden_dim % GS:
         return
-    # (tensors, rows, columns) of the matrices forward_batch multiplies with, in c_weights' order
-    # (the file's)
-    shapes = [(L, dim, dim), (L, kv_dim, dim), (L, kv_dim, dim), (L, dim, dim),
-              (L, hidden_dim, dim), (L, dim, hidden_dim), (L, hidden_dim, dim), (1, p.vocab_size, dim)]
-    cdef Py_ssize_t total = sum(count * (q8_packed_bytes(d, n) + q8_packed_scales(d, n, GS) * 4)
-                                for count, d, n in shapes)
-    # the copy is anonymous memory: without room for it, run from the mapped file (slower, but
-    # nothing is swapped out or killed). The file's own pages are reclaimable page cache.
-    if total > available_memory():
+    t.packed_tensors = <QuantizedTensor*>malloc((7 * p.n_layers + 1) * sizeof(QuantizedTensor))
+    if not t.packed_tensors:  # then from the mapped file, as elsewhere
         return
-    try:
-        # private anonymous memory, touched only as it is written; huge pages where the kernel
-        # gives them on request: fewer page faults while packing, and fewer TLB misses in decode
-        # (7B on this project's VM: 1.22 of numpy's sgemv bandwidth with them, 0.86 without)
-        if hasattr(mmap, "MAP_PRIVATE"):
-            t.packed_map = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE)
-        else:  # Windows: anonymous maps take no flags
-            t.packed_map = mmap.mmap(-1, total)
-    except (OSError, ValueError):
-        return
-    try:
-        t.packed_map.madvise(mmap.MADV_HUGEPAGE)
-    except (AttributeError, OSError):  # no such advice here: 4 KB pages
-        pass
-    t.packed_tensors = <QuantizedTensor*>malloc((7 * L + 1) * sizeof(QuantizedTensor))
-    for count, d, n in shapes:
-        blocks = (d + 15) // 16
-        step = max(1, PACK_JOB_BYTES // (16 * n))
-        n_jobs += count * ((blocks + step - 1) // step)
-    plan.jobs = <PackJob*>malloc(n_jobs * sizeof(PackJob))
-    plan.n_jobs = 0
-    plan.GS = GS
-    if not t.packed_tensors or not plan.jobs:  # then from the mapped file, as elsewhere
-        free(t.packed_tensors)
-        free(plan.jobs)
-        t.packed_tensors = NULL
-        t.packed_map = None
-        return
-    ptr = address_of(t.packed_map)  # page-aligned; every tensor's size is a multiple of 64
-    dst = t.packed_tensors
-    sources[:] = [w.wq, w.wk, w.wv, w.wo, w.w1, w.w2, w.w3, w.wcls]
     for k in range(8):
-        count, d, n = shapes[k]
-        packed[k] = dst
-        blocks = (d + 15) // 16
-        step = max(1, PACK_JOB_BYTES // (16 * n))
-        for m in range(count):
-            dst[m].q = <int8_t*>ptr
-            ptr += q8_packed_bytes(d, n)
-            dst[m].s = <float*>ptr
-            ptr += q8_packed_scales(d, n, GS) * sizeof(float)
-            for b0 in range(0, blocks, step):
-                job = &plan.jobs[plan.n_jobs]
-                job.src, job.dst, job.d, job.n = &sources[k][m], &dst[m], d, n
-                job.block0, job.block1 = b0, min(b0 + step, blocks)
-                plan.n_jobs += 1
-        dst += count
-    cdef int threads = pack_threads()
-    with nogil:
-        runq_run_shares(pack_jobs, &plan, threads)
-    free(plan.jobs)
+        packed[k] = t.packed_tensors + k * p.n_layers
+    sources[:] = [w.wq, w.wk, w.wv, w.wo, w.w1, w.w2, w.w3, w.wcls]
+    t.packed_map = copy_matrices(matrix_shapes(t), sources, packed, GS, False, True)
+    if t.packed_map is None:
+        free(t.packed_tensors)
+        t.packed_tensors = NULL
+        return
     t.c_packed.wq, t.c_packed.wk, t.c_packed.wv, t.c_packed.wo = packed[0], packed[1], packed[2], packed[3]
     t.c_packed.w1, t.c_packed.w2, t.c_packed.w3, t.c_packed.wcls = packed[4], packed[5], packed[6], packed[7]
     t.packed = True
     if hasattr(mmap, "MADV_DONTNEED"):  # the norms and the embedding rows that were read
         t._mmap.madvise(mmap.MADV_DONTNEED)
 
+cdef unpack_weights(Transformer t, bint drop):
+    # the rows of a file whose matrices are packed (layout 1) into c_weights' matrices, in rows_map:
+    # at load where this build has no packed kernel or pack=False (drop: each piece's file pages
+    # handed back as it is unpacked, the mirror of pack_weights), or when forward(reference=True)
+    # or the weights views first need runq.c's rows (ensure_rows)
+    cdef TransformerWeights* w = &t.c_weights
+    cdef TransformerWeights* packed = &t.c_packed
+    cdef QuantizedTensor* sources[8]
+    cdef QuantizedTensor* rows[8]
+    sources[:] = [packed.wq, packed.wk, packed.wv, packed.wo, packed.w1, packed.w2, packed.w3,
+                  packed.wcls]
+    rows[:] = [w.wq, w.wk, w.wv, w.wo, w.w1, w.w2, w.w3, w.wcls]
+    shapes = matrix_shapes(t)
+    if t.shared_classifier:  # its rows are the embedding table's, in the file
+        shapes.pop()
+    t.rows_map = copy_matrices(shapes, sources, rows, t.group_size, True, drop)
+    if t.rows_map is None:
+        raise LlamaError(f"{t.checkpoint_path}: no room in memory to unpack its packed matrices "
+                         f"into rows (about {t.file_size / 1e9:.1f} GB)")
+
+_rows_lock = threading.Lock()
+
+cdef ensure_rows(Transformer t):
+    # runq.c's rows of every matrix, which a file that holds them packed gets on demand
+    cdef Transformer owner = t.weights_owner or t
+    with _rows_lock:
+        if owner.c_weights.wq[0].q == NULL:
+            unpack_weights(owner, False)
+
 cdef read_checkpoint(Transformer t, checkpoint, bint pack):
     # runq.c freads the header and mmaps the file, trusting every number in it; here map_model
     # checks the magic number, the version, the group size and every size against the file first.
-    # The pages are mapped at once (populate) unless pack_weights is to copy them: it maps each
-    # piece as it reads it, and lets it go
-    header, t._mmap = map_model(checkpoint, True, "runq", populate=not (pack and Q8_PACKED))
+    # The pages of a v2 file are mapped at once (populate) unless pack_weights is to copy them: it
+    # maps each piece as it reads it, and lets it go (unpack_weights likewise from a packed file;
+    # build_transformer maps the pages of a packed file it multiplies from)
+    header, t._mmap = map_model(checkpoint, True, "runq", populate=lambda header: (
+        not header.layout and not (pack and Q8_PACKED)))
     t._data = t._mmap
     t.c_config = header.config
     t.version = header.version
@@ -659,24 +805,46 @@ cdef read_checkpoint(Transformer t, checkpoint, bint pack):
     t.group_size = header.group_size
     t.shared_classifier = header.shared_classifier
     t.file_size = len(t._mmap)
+    t.checkpoint_path = os.fsdecode(checkpoint)
     cdef char* weights_ptr = <char*>&t._data[<Py_ssize_t>header.size]  # skip header bytes. char is 1 byte
     try:
-        memory_map_weights(&t.c_weights, &t.c_config, weights_ptr, t.shared_classifier, t.group_size)
+        if not header.layout:
+            memory_map_weights(&t.c_weights, &t.c_config, weights_ptr, t.shared_classifier,
+                               t.group_size)
+            return
+        t.packed_tensors = <QuantizedTensor*>malloc((7 * header.config["n_layers"] + 1) *
+                                                    sizeof(QuantizedTensor))
+        if not t.packed_tensors:
+            raise MemoryError()
+        memory_map_packed_weights(&t.c_weights, &t.c_packed, t.packed_tensors, &t.c_config,
+                                  weights_ptr, <char*>&t._data[<Py_ssize_t>packed_start(header)],
+                                  t.shared_classifier, t.group_size)
     except MemoryError as e:
         raise LlamaError(f"{os.fsdecode(checkpoint)}: out of memory: {e}") from None
 
 cdef build_transformer(Transformer t, checkpoint_path, bint pack):
     # read in the Config and the Weights from the checkpoint
     read_checkpoint(t, checkpoint_path, pack)
-    t.checkpoint_path = os.fsdecode(checkpoint_path)
-    t.c_packed = t.c_weights
-    if pack:
-        pack_weights(t)
-        if (Q8_PACKED and not t.packed and t.file_size <= available_memory()
-                and hasattr(mmap, "MADV_WILLNEED")):
-            # mapped unpopulated for a copy that was not made (another group size, no room for
-            # it): decode reads the file, so have it read in now rather than a page at a time
-            t._mmap.madvise(mmap.MADV_WILLNEED)
+    if t.header.layout and pack and Q8_PACKED:
+        # the file holds the matrices packed: forward_batch multiplies them where they lie, and
+        # processes that run the file share its pages (the page cache's)
+        t.packed = True
+        if t.file_size <= available_memory():  # (else map_model warned: read from disk)
+            with nogil:
+                runq_map_now(&t._data[0], t.file_size)
+    elif t.header.layout:
+        # no packed kernel in this build (or pack=False): runq.c's rows, from the packed file
+        unpack_weights(t, True)
+        t.c_packed = t.c_weights
+    else:
+        t.c_packed = t.c_weights
+        if pack:
+            pack_weights(t)
+    if (Q8_PACKED and pack and not t.packed and t.file_size <= available_memory()
+            and hasattr(mmap, "MADV_WILLNEED")):
+        # mapped unpopulated for a copy that was not made (another group size, no room for
+        # it): decode reads the file, so have it read in now rather than a page at a time
+        t._mmap.madvise(mmap.MADV_WILLNEED)
     # allocate the RunState buffers
     malloc_states(t)
 
@@ -1563,6 +1731,8 @@ cdef void queue_pair(Tokenizer t, const int* tokens, int left, int right, char* 
         item.right_id = tokens[right]
         heap_push(heap, heap_size, item)
 
+include "hf_tokenizer.pxi"  # a Hugging Face tokenizer in this one's place (not in runq.c)
+
 # ----------------------------------------------------------------------------
 # The Sampler, which takes logits and returns a sampled token
 # sampling can be done in a few ways: greedy argmax, sampling, top-p sampling
@@ -1734,18 +1904,15 @@ def time_in_ms():
 # ----------------------------------------------------------------------------
 # generation loop
 
-def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int steps):
+def generate(transformer, tokenizer, Sampler sampler, prompt, int steps):
     """runq.c's generate() as a generator: it yields each piece's bytes where runq.c prints them
     (print_generation prints them for the command line; the API decodes them). It returns what
     print_generation reports: (tok/s of the tokens fed one at a time after the first, or None;
-    the number of prompt tokens fed together, and their tok/s)."""
-    if prompt is None:
-        prompt = b""
-    elif isinstance(prompt, str):
-        prompt = prompt.encode("utf-8", "surrogateescape")
-
-    # encode the (string) prompt into tokens sequence
-    cdef list prompt_tokens = encode(tokenizer, prompt, 1, 0)
+    the number of prompt tokens fed together, and their tok/s). The tokenizer is runq.c's
+    Tokenizer or a Hugging Face one (load_tokenizer)."""
+    # encode the (string) prompt into tokens sequence (run.c's encode() with BOS, or a Hugging Face
+    # tokenizer's: hf_tokenizer.pxi has the points where the two differ)
+    cdef list prompt_tokens = prompt_tokens_of(tokenizer, prompt)
     cdef int num_prompt_tokens = len(prompt_tokens)
 
     # start the main loop
@@ -1754,11 +1921,15 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
     cdef int token = prompt_tokens[0]  # kick off with the first token in the prompt
     cdef int pos = 0  # position in the sequence
     cdef float[::1] logits
-    cdef const char* piece
+    cdef bytes piece
     cdef double prefill_start, prefill_seconds
     cdef int prefilled
     # no other thread or generation may run on this run state (KV cache) meanwhile
     with exclusive_state(transformer):
+        # not in runq.c: a prompt that does not start with BOS (Hugging Face) prints its first token
+        piece = first_piece(tokenizer, prompt_tokens)
+        if piece:
+            yield piece
         # not in runq.c: the prompt tokens whose logits go unused (all but the last) go through
         # the model together first (forward_batch); the loop below skips their forward()
         prefill_start = _pytime.perf_counter()
@@ -1780,13 +1951,14 @@ def generate(transformer, Tokenizer tokenizer, Sampler sampler, prompt, int step
             pos += 1
 
             # data-dependent terminating condition: the BOS (=1) token delimits sequences
-            if next == 1:
+            # (a Hugging Face tokenizer's: a sampled EOS)
+            if ends_sequence(tokenizer, next, pos >= num_prompt_tokens):
                 break
 
             # print the token as string, decode it with the Tokenizer object
-            piece = decode(tokenizer, token, next)
-            if printable_piece(piece):  # safe_printf's test; the consumer prints
-                yield <bytes>piece
+            piece = printed_piece(tokenizer, token, next)
+            if piece:  # safe_printf's test (run.c's Tokenizer); the consumer prints
+                yield piece
             token = next
 
             # init the timer here because the first iteration can be slower
@@ -1936,12 +2108,8 @@ def main(argv=None, prog="runq", transformer_factory=None):
         if steps == 0 or steps > config["seq_len"]:
             steps = config["seq_len"]  # override to ~max length
 
-        # build the Tokenizer via the tokenizer .bin file (in chat mode, or a Hugging Face
-        # tokenizer: llama2_cython.chat.load_tokenizer)
-        if args["mode"] == "chat":
-            tokenizer = load_tokenizer(Tokenizer, args["tokenizer_path"], config["vocab_size"])
-        else:
-            tokenizer = Tokenizer(args["tokenizer_path"], config["vocab_size"])
+        # build the Tokenizer via the tokenizer .bin file (or a Hugging Face tokenizer)
+        tokenizer = load_tokenizer(args["tokenizer_path"], config["vocab_size"])
 
         # build the Sampler
         sampler = Sampler(config["vocab_size"], args["temperature"], args["topp"], args["rng_seed"])

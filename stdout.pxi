@@ -47,7 +47,9 @@ def print_generation(pieces):
         except StopIteration as done:
             tok_per_s, prefilled, prefill_tok_per_s = done.value
             break
-        safe_printf(piece)
+        # the pieces generate() yields are the ones to print (run.c's Tokenizer: safe_printf's test
+        # passed, no NUL; a Hugging Face tokenizer's raw bytes)
+        write_stdout(piece, len(piece))
         flush_stdout()
         # forward() runs in C without the eval loop: look for Ctrl-C once a token
         PyErr_CheckSignals()

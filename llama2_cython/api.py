@@ -7,8 +7,9 @@ import math
 import numbers
 import threading
 
-from .chat import Conversation, chat_format, load_tokenizer
+from .chat import Conversation, chat_format
 from .cli import sampling_overrides, time_seed
+from .hf_tokenizer import HFTokenizer
 
 
 class Model:
@@ -16,7 +17,7 @@ class Model:
     generate() runs on a run state (KV cache) of its own, so generations may be interleaved or
     run in threads. For your own forward passes, take a Sequence per sequence.
 
-    >>> m = Model("model.bin", "tokenizer.bin")
+    >>> m = Model("model.bin", "tokenizer.bin")  # or tokenizer.json, tokenizer.model, a folder
     >>> for text in m.generate("Once upon a time", steps=64, temperature=0.0): print(text, end="")
     >>> seq = m.sequence()
     >>> logits = seq.feed(m.encode("Once upon a time"))  # the prompt's tokens together
@@ -28,8 +29,7 @@ class Model:
     def __init__(self, checkpoint_path, tokenizer_path="tokenizer.bin"):
         self.transformer = self.make_transformer(checkpoint_path)
         self.config = self.transformer.config
-        self.tokenizer = load_tokenizer(self.engine.Tokenizer, tokenizer_path,
-                                        self.config["vocab_size"])
+        self.tokenizer = self.engine.load_tokenizer(tokenizer_path, self.config["vocab_size"])
         self._chat_format = None
 
     def make_transformer(self, checkpoint_path):
@@ -45,12 +45,16 @@ class Model:
         return Sequence(self)
 
     def encode(self, text, bos=True, eos=False):
-        """Token ids of text, as run.c's encode()."""
+        """Token ids of text, as run.c's encode(); for a Hugging Face tokenizer, as its
+        encode(text, add_special_tokens=bos) (eos=True is refused: it adds what it adds)."""
         return self.tokenizer.encode(text, bos, eos)
 
     def decode(self, tokens):
         """The text that printing tokens one after the other gives (invalid UTF-8 replaced);
-        as in run.c, a piece right after BOS (1) loses its leading space."""
+        as in run.c, a piece right after BOS (1) loses its leading space. For a Hugging Face
+        tokenizer: its decode(tokens, skip_special_tokens=False)."""
+        if isinstance(self.tokenizer, HFTokenizer):
+            return self.tokenizer.decode([_index("token", token) for token in tokens])
         pieces = []
         for prev, token in zip([-1] + list(tokens), tokens):
             piece = self.tokenizer.decode(prev, _index("token", token))

@@ -1,17 +1,24 @@
-"""Byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3) with the standard library alone: the same
-ids and text as Hugging Face's `tokenizers` gives for the same file.
+"""BPE tokenizers with the standard library alone: byte-level ones (GPT-2, SmolLM, Llama 3) and
+sentencepiece-style ones (Llama 2, TinyLlama), the same ids and text as Hugging Face's `tokenizers`
+gives for the same file.
 
     tok = load("folder/")        # its tokenizer.json, else its tokenizer.model (tiktoken ranks)
     tok.encode("Hello world")    # Llama 3: [128000, 9906, 1917]
     tok.decode(ids), tok.piece(id), tok.vocab_size, tok.bos_id, tok.eos_ids
 
-What a tokenizer.json may hold is what these models use: a BPE model over GPT-2's byte-to-unicode
-alphabet, no normalizer, the pre-tokenizers ByteLevel, Split (GPT-2's or Llama 3's regex) and
-Digits, a ByteLevel decoder, TemplateProcessing. Anything else is refused by name rather than
-approximated. A tiktoken file (Meta's Llama 3 tokenizer.model: "base64-bytes rank" per line) is
-read as Hugging Face's converted Llama 3 tokenizer behaves: Llama 3's regex, a merge of two
-adjacent parts ranked by the rank of their concatenation, the special tokens after the ranks
-(named by tokenizer_config.json), BOS put in front by encode().
+What a tokenizer.json may hold is what these models use, told apart by the decoder. With a
+ByteLevel decoder: a BPE model over GPT-2's byte-to-unicode alphabet, no normalizer, the
+pre-tokenizers ByteLevel, Split (GPT-2's or Llama 3's regex) and Digits. Otherwise, as
+sentencepiece's BPE converted by transformers: characters with "\u2581" for a space, <0xNN>
+tokens for the bytes of a character without one (byte_fallback) or <unk>; the marks put in by a
+normalizer of Prepend and Replace (older files) or by a Metaspace pre-tokenizer (newer ones,
+prepend_scheme "first"); a Metaspace decoder or a Sequence of Replace, ByteFallback, Fuse and
+Strip. Both: TemplateProcessing. Anything else is refused by name rather than approximated. A
+tiktoken file (Meta's Llama 3 tokenizer.model: "base64-bytes rank" per line) is read as Hugging
+Face's converted Llama 3 tokenizer behaves: Llama 3's regex, a merge of two adjacent parts ranked
+by the rank of their concatenation, the special tokens after the ranks (named by
+tokenizer_config.json), BOS put in front by encode(). A sentencepiece tokenizer.model (protobuf)
+is not read here: tokenizer.py converts it to run.c's tokenizer.bin.
 
 The pre-tokenizer regexes use \\p{L} and \\p{N}, which Python's `re` lacks: the classes are built
 here from unicodedata, plus the letters and numbers that Unicode 15.0 and 16.0 added (tokenizers'
@@ -65,6 +72,8 @@ LLAMA3_NAMED = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>",
                 128010: "<|python_tag|>"}
 LLAMA3_SPECIALS = 256
 LLAMA3_STOP = ("<|end_of_text|>", "<|eot_id|>")  # Meta's stop tokens, when no config names one
+
+MARK = "\u2581"  # sentencepiece's word mark: a space in its vocabularies
 
 _CACHE_LIMIT = 1 << 17  # pre-tokens whose ids are remembered; the cache empties when full
 _NEVER = 1 << 62  # the rank of a pair that never merges
@@ -148,15 +157,23 @@ def _regex(name):
 class BpeTokenizer:
     """A loaded tokenizer; see load(). Its tables are read-only after load."""
 
-    def __init__(self, source, vocab_size, piece_bytes, special_ids, added, split_stages, bpe,
-                 prefix_ids, suffix_ids, eos_ids):
+    def __init__(self, source, vocab_size, piece_bytes, special_ids, added, pre_tokenize, bpe,
+                 prefix_ids, suffix_ids, eos_ids, normalize=None, decoder=None):
         self.source = source
         self.vocab_size = vocab_size
-        self._piece_bytes = piece_bytes  # id -> bytes, what decode() joins
+        self._piece_bytes = piece_bytes  # id -> bytes, what piece() gives
         self._special_ids = special_ids  # what decode(skip_special_tokens=True) leaves out
-        self._added = added  # [(regex, {content: id})]: matched in the text first, in order
-        self._split_stages = split_stages  # [str -> list of str], applied one after the other
-        self._bpe = bpe  # UTF-8 bytes of one pre-token -> list of ids
+        # (the added tokens not normalized, the normalized ones): each (regex, {text: id}) or None
+        self._added = added
+        self._normalize = normalize  # str -> str for the text between added tokens, or None
+        self._pre_tokenize = pre_tokenize  # (str, at_start) -> pre-tokens (str)
+        self._bpe = bpe  # one pre-token -> list of ids
+        # (id -> token text, [token texts] -> text) as tokenizers' decoder does it; None: the
+        # pieces' bytes joined (ByteLevel)
+        self._decoder = decoder
+        # the decoder drops the text's first space (sentencepiece-style: Strip, or Metaspace with
+        # a prefix): whoever prints pieces one by one drops it too, as run.c does after BOS
+        self.strips_first_space = decoder is not None and decoder[2]
         self._prefix_ids = list(prefix_ids)
         self._suffix_ids = list(suffix_ids)
         self.bos_id = prefix_ids[0] if prefix_ids else None
@@ -164,31 +181,21 @@ class BpeTokenizer:
         self._cache = {}
 
     def _segments(self, text):
-        """text cut around the added tokens: [(str, None) or (content, id)], as tokenizers'
-        AddedVocabulary splits it (leftmost-longest match, non-normalized tokens first)."""
-        segments = [(text, None)]
-        for regex, ids in self._added:
-            cut = []
-            for segment, token_id in segments:
-                if token_id is not None:
-                    cut.append((segment, token_id))
-                    continue
-                start = 0
-                for match in regex.finditer(segment):
-                    if match.start() > start:
-                        cut.append((segment[start:match.start()], None))
-                    cut.append((match.group(), ids[match.group()]))
-                    start = match.end()
-                if start < len(segment):
-                    cut.append((segment[start:], None))
-            segments = cut
+        """text cut around the added tokens as tokenizers' AddedVocabulary cuts it: the tokens not
+        normalized matched in the text (leftmost-longest), the text between them normalized, then
+        the normalized tokens matched in that. [(str, None, at_start) or (text, id, False)];
+        at_start: the piece begins the text (Metaspace's prepend_scheme "first")."""
+        raw, normalized = self._added
+        segments = [(text, None, True)] if text else []
+        if raw is not None:
+            segments = _cut(segments, *raw)
+        if self._normalize is not None:
+            segments = [(self._normalize(segment), None, at_start) if token_id is None
+                        else (segment, token_id, at_start)
+                        for segment, token_id, at_start in segments]
+        if normalized is not None:
+            segments = _cut(segments, *normalized)
         return segments
-
-    def _pre_tokens(self, segment):
-        pieces = [segment]
-        for stage in self._split_stages:
-            pieces = [p for piece in pieces for p in stage(piece) if p]
-        return pieces
 
     def encode(self, text, add_special_tokens=True):
         """text's ids, as tokenizers' Tokenizer.encode(text, add_special_tokens).ids."""
@@ -203,16 +210,16 @@ class BpeTokenizer:
         ids = []
         cache = self._cache
         bpe = self._bpe
-        for segment, token_id in self._segments(text):
+        for segment, token_id, at_start in self._segments(text):
             if token_id is not None:
                 ids.append(token_id)
                 continue
-            for piece in self._pre_tokens(segment):
+            for piece in self._pre_tokenize(segment, at_start):
                 piece_ids = cache.get(piece)
                 if piece_ids is None:
                     if len(cache) >= _CACHE_LIMIT:
                         cache.clear()
-                    piece_ids = cache[piece] = bpe(piece.encode("utf-8"))
+                    piece_ids = cache[piece] = bpe(piece)
                 ids.extend(piece_ids)
         if add_special_tokens:
             return self._prefix_ids + ids + self._suffix_ids
@@ -229,27 +236,50 @@ class BpeTokenizer:
 
     def piece(self, token_id):
         """The bytes token_id stands for (a special token: its text in UTF-8), to print tokens
-        one at a time; joined and decoded they give decode()."""
+        one at a time. With a ByteLevel decoder, joined and decoded they give decode(). With a
+        sentencepiece-style one, "\u2581" is a space and <0xNN> the byte NN, but decode() also
+        strips the text's first space (as run.c does after BOS) and makes a byte run that is not
+        UTF-8 one U+FFFD per byte."""
         return self._piece_bytes[self._check_id(token_id)]
 
     def decode(self, ids, skip_special_tokens=False):
-        """The text of ids, as tokenizers' decode: the pieces' bytes joined, invalid UTF-8 turned
-        into U+FFFD. Unlike tokenizers, an id out of range is an error, not silently dropped."""
-        pieces = []
+        """The text of ids, as tokenizers' decode (invalid UTF-8 turned into U+FFFD). Unlike
+        tokenizers, an id out of range is an error, not silently dropped."""
+        kept = []
         for token_id in ids:
             token_id = self._check_id(token_id)
-            if skip_special_tokens and token_id in self._special_ids:
-                continue
-            pieces.append(self._piece_bytes[token_id])
-        return b"".join(pieces).decode("utf-8", "replace")
+            if not (skip_special_tokens and token_id in self._special_ids):
+                kept.append(token_id)
+        if self._decoder is None:
+            return b"".join(self._piece_bytes[i] for i in kept).decode("utf-8", "replace")
+        tokens, decode_tokens, _ = self._decoder
+        return decode_tokens([tokens[i] for i in kept])
+
+
+def _cut(segments, regex, ids):
+    """segments with the matches of regex in their plain text cut out as (text, id, False)."""
+    cut = []
+    for segment, token_id, at_start in segments:
+        if token_id is not None:
+            cut.append((segment, token_id, at_start))
+            continue
+        start = 0
+        for match in regex.finditer(segment):
+            if match.start() > start:
+                cut.append((segment[start:match.start()], None, at_start and start == 0))
+            cut.append((match.group(), ids[match.group()], False))
+            start = match.end()
+        if start < len(segment):
+            cut.append((segment[start:], None, at_start and start == 0))
+    return cut
 
 
 # -- BPE proper ----------------------------------------------------------------------------------
 
 # Both BPEs merge the lowest-ranked adjacent pair, the leftmost on a tie, until no pair merges: the
 # order of tokenizers' BPE (its queue pops the lowest (rank, position)) and of tiktoken's. A short
-# pre-token keeps a list of its pairs' ranks, spelled out in each BPE for speed (min() and index()
-# run in C, but the loop is quadratic); a long one goes to _merge_heap.
+# pre-token keeps a list of its pairs' ranks, spelled out in _id_merger and _ranks_bpe for speed
+# (min() and index() run in C, but the loop is quadratic); a long one goes to _merge_heap.
 
 def _merge_heap(parts, pair_rank, join):
     """The same merges in the same order, in n log n: a heap of (rank, position) over a
@@ -293,11 +323,9 @@ def _merge_heap(parts, pair_rank, join):
     return merged
 
 
-def _merges_bpe(vocab, merges, ignore_merges, unk_id, fuse_unk):
-    """A tokenizer.json's BPE: vocab maps byte-alphabet strings to ids, merges maps a pair of ids
-    to (rank, merged id). A byte without a token is dropped, or becomes unk_id (one for a run of
-    them when fuse_unk), and the bytes around it can still merge, as in tokenizers."""
-    byte_ids = [vocab.get(c) for c in BYTE_CHARS]
+def _id_merger(merges):
+    """A tokenizer.json's merges applied to a list of ids; merges maps a pair of ids to (rank,
+    merged id)."""
     rank_of = {pair: rank for pair, (rank, _) in merges.items()}.get
     merged_id = {pair: new_id for pair, (_, new_id) in merges.items()}
 
@@ -307,28 +335,7 @@ def _merges_bpe(vocab, merges, ignore_merges, unk_id, fuse_unk):
     def join(left, right):
         return merged_id[left, right]
 
-    def symbols(data):
-        out = []
-        after_unk = False
-        for b in data:
-            token_id = byte_ids[b]
-            if token_id is None:
-                if unk_id is None or (fuse_unk and after_unk):
-                    continue
-                token_id, after_unk = unk_id, True
-            else:
-                after_unk = False
-            out.append(token_id)
-        return out
-
-    def bpe(data):
-        if ignore_merges:
-            whole = vocab.get(data.decode("latin-1").translate(_LATIN1_TO_BYTE_CHARS))
-            if whole is not None:
-                return [whole]
-        parts = [byte_ids[b] for b in data]
-        if None in parts:
-            parts = symbols(data)
+    def merge(parts):
         if len(parts) > _LONG_PIECE:
             return _merge_heap(parts, pair_rank, join)
         ranks = [rank_of(pair, _NEVER) for pair in zip(parts, parts[1:])]
@@ -344,7 +351,101 @@ def _merges_bpe(vocab, merges, ignore_merges, unk_id, fuse_unk):
             if i < len(ranks):
                 ranks[i] = rank_of((parts[i], parts[i + 1]), _NEVER)
         return parts
+    return merge
+
+
+def _merges_bpe(vocab, merges, ignore_merges, unk_id, fuse_unk):
+    """A byte-level tokenizer.json's BPE: vocab maps byte-alphabet strings to ids. A byte without
+    a token is dropped, or becomes unk_id (one for a run of them when fuse_unk), and the bytes
+    around it can still merge, as in tokenizers."""
+    byte_ids = [vocab.get(c) for c in BYTE_CHARS]
+    merge = _id_merger(merges)
+
+    def symbols(data):
+        out = []
+        after_unk = False
+        for b in data:
+            token_id = byte_ids[b]
+            if token_id is None:
+                if unk_id is None or (fuse_unk and after_unk):
+                    continue
+                token_id, after_unk = unk_id, True
+            else:
+                after_unk = False
+            out.append(token_id)
+        return out
+
+    def bpe(piece):
+        data = piece.encode("utf-8")
+        if ignore_merges:
+            whole = vocab.get(data.decode("latin-1").translate(_LATIN1_TO_BYTE_CHARS))
+            if whole is not None:
+                return [whole]
+        parts = [byte_ids[b] for b in data]
+        if None in parts:
+            parts = symbols(data)
+        return merge(parts)
     return bpe
+
+
+def _chars_bpe(vocab, merges, unk_id, fuse_unk, byte_fallback):
+    """A sentencepiece-style tokenizer.json's BPE: the parts are characters. One without a token
+    becomes the tokens <0xNN> of its UTF-8 bytes with byte_fallback (the loader made sure all 256
+    exist), else unk_id (one for a run of them when fuse_unk), else is dropped."""
+    char_id = vocab.get
+    byte_ids = [vocab.get(f"<0x{b:02X}>") for b in range(256)]
+    merge = _id_merger(merges)
+
+    def symbols(word):
+        out = []
+        after_unk = False
+        for c in word:
+            token_id = char_id(c)
+            if token_id is None:
+                if byte_fallback:
+                    out.extend(byte_ids[b] for b in c.encode("utf-8"))
+                    continue
+                if unk_id is None or (fuse_unk and after_unk):
+                    continue
+                token_id, after_unk = unk_id, True
+            else:
+                after_unk = False
+            out.append(token_id)
+        return out
+
+    def bpe(word):
+        parts = list(map(char_id, word))
+        if None in parts:
+            parts = symbols(word)
+        return merge(parts)
+    return bpe
+
+
+def _word_chunks(vocab, merge_pairs):
+    """word -> its chunks, cut before "\u2581" wherever no merge can join across the cut, so that
+    BPE of the chunks is BPE of the word. A sentencepiece-style file has no pre-tokenizer that
+    splits, so its BPE would see all the text at once: chunks, mostly words, are quick and hit
+    the cache. The part left of a cut always ends in the character before it (parts only grow;
+    that character has a token), the part right of it starts with "\u2581"; when no merge joins
+    such a pair, each side merges alone, in its own (rank, position) order."""
+    if MARK not in vocab:
+        return lambda word: [word]
+    blocked = {left[-1:] for left, right in merge_pairs if right[:1] == MARK}
+    cuttable = frozenset(c for c in vocab if len(c) == 1 and c != MARK and c not in blocked)
+    mark_runs = re.compile(f"{MARK}+[^{MARK}]*|[^{MARK}]+").findall
+
+    def chunks(word):
+        out = []
+        pending = []
+        for run in mark_runs(word):
+            pending.append(run)
+            if run[-1] in cuttable:  # the next run, if any, starts with the mark
+                out.append("".join(pending))
+                pending = []
+        if pending:
+            out.append("".join(pending))
+        return out
+    return chunks
 
 
 def _ranks_bpe(ranks_of):
@@ -358,7 +459,8 @@ def _ranks_bpe(ranks_of):
     def join(left, right):
         return left + right
 
-    def bpe(data):
+    def bpe(piece):
+        data = piece.encode("utf-8")
         whole = rank_of(data)
         if whole is not None:
             return [whole]
@@ -460,16 +562,19 @@ def _check_added_flags(fields):
 
 
 def _added_matchers(added):
-    """[(regex, {content: id})] for the added tokens [(content, id, normalized)]: the tokens not
-    normalized are matched first, then the normalized ones in what is left (with no normalizer
-    both see the same text). Longest alternative first gives leftmost-longest matching."""
+    """(matcher of the tokens not normalized, of the normalized ones), each (regex, {text: id})
+    or None, for the added tokens [(text, id, normalized)]; a normalized token's text is its
+    content normalized, to be found in normalized text. Longest alternative first gives
+    leftmost-longest matching."""
     matchers = []
     for normalized in (False, True):
-        ids = {content: token_id for content, token_id, norm in added if norm == normalized}
+        ids = {text: token_id for text, token_id, norm in added if norm == normalized}
         if ids:
             alternatives = sorted(ids, key=len, reverse=True)
             matchers.append((re.compile("|".join(map(re.escape, alternatives))), ids))
-    return matchers
+        else:
+            matchers.append(None)
+    return tuple(matchers)
 
 
 def _sequence_parts(fields, key):
@@ -521,6 +626,207 @@ def _pre_tokenizer_stages(fields):
     if not parts or parts[-1].obj.get("type") != "ByteLevel":
         fields.fail("pre_tokenizer does not end in ByteLevel; only byte-level BPE is supported")
     return stages
+
+
+def _split_by(stages):
+    """(segment, at_start) -> segment split by each of stages in turn (at_start is not used)."""
+    def pre_tokenize(segment, at_start):
+        pieces = [segment]
+        for stage in stages:
+            pieces = [p for piece in pieces for p in stage(piece) if p]
+        return pieces
+    return pre_tokenize
+
+
+def _string_pattern(part):
+    """The text of a Replace's pattern: only {"String": non-empty text} is supported."""
+    text = part.sub("pattern").get("String", (str,), None)
+    if not text:
+        part.fail(f"{part.where}.pattern: only a non-empty String pattern is supported")
+    return text
+
+
+def _normalizer(fields):
+    """str -> str for a normalizer of Prepend and Replace (String) steps; None for null."""
+    if fields is None:
+        return None
+    steps = []  # (None, text to prepend) or (old, new)
+    for part in _sequence_parts(fields, "normalizers"):
+        kind = part.get("type", (str,))
+        if kind == "Prepend":
+            steps.append((None, part.get("prepend", (str,))))
+        elif kind == "Replace":
+            steps.append((_string_pattern(part), part.get("content", (str,))))
+        else:
+            part.fail(f"{part.where}: normalizer {kind!r} is not supported (only Prepend and "
+                      f"Replace)")
+
+    def normalize(text):
+        for old, new in steps:
+            if old is not None:
+                text = text.replace(old, new)
+            elif text:  # Prepend leaves an empty text empty
+                text = new + text
+        return text
+    return normalize
+
+
+def _metaspace_options(part):
+    """(replacement, prepend_scheme) of a Metaspace pre-tokenizer or decoder, as tokenizers reads
+    them (an older file's add_prefix_space true is the default scheme, "always")."""
+    replacement = part.get("replacement", (str,))
+    if len(replacement) != 1:
+        part.fail(f"{part.where}.replacement {replacement!r} is not one character")
+    scheme = part.get("prepend_scheme", (str,), "always")
+    if scheme not in ("always", "first", "never"):
+        part.fail(f"{part.where}.prepend_scheme {scheme!r} is not always, first or never")
+    if part.get("add_prefix_space", (bool, None), None) is False and scheme != "never":
+        part.fail(f"{part.where}: add_prefix_space false contradicts prepend_scheme {scheme!r}")
+    return replacement, scheme
+
+
+def _metaspace_pre_tokenizer(fields, chunks):
+    """(segment, at_start) -> pre-tokens of a sentencepiece-style file: its chunks when the
+    pre_tokenizer is null (the normalizer put the marks in); with Metaspace, spaces become the
+    replacement, which goes in front (unless there already) by prepend_scheme ("first": only
+    of the segment that begins the text), and split cuts before each replacement."""
+    if fields is None:
+        return lambda segment, at_start: chunks(segment)
+    parts = _sequence_parts(fields, "pretokenizers")
+    for part in parts:
+        kind = part.get("type", (str,))
+        if kind != "Metaspace":
+            part.fail(f"{part.where}: pre-tokenizer {kind!r} is not supported with a "
+                      f"sentencepiece-style decoder (only Metaspace)")
+    if len(parts) != 1:
+        fields.fail(f"{fields.where}: only one Metaspace pre-tokenizer is supported")
+    replacement, scheme = _metaspace_options(parts[0])
+    split = parts[0].get("split", (bool,), True)
+    mark = re.escape(replacement)
+    words = re.compile(f"{mark}[^{mark}]*|[^{mark}]+").findall
+
+    def pre_tokenize(segment, at_start):
+        segment = segment.replace(" ", replacement)
+        if (scheme == "always" or scheme == "first" and at_start) \
+                and not segment.startswith(replacement):
+            segment = replacement + segment
+        if not split:
+            return chunks(segment)
+        return [chunk for word in words(segment) for chunk in chunks(word)]
+    return pre_tokenize
+
+
+# a token ByteFallback reads as a byte: what Rust's u8::from_str_radix(_, 16) takes, in <0x...>
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2}|\+[0-9A-Fa-f])>")
+
+
+def _byte_run_text(run):
+    """ByteFallback's tokens for a run of bytes: their text if UTF-8, else U+FFFD per byte."""
+    try:
+        return [run.decode("utf-8")]
+    except UnicodeDecodeError:
+        return ["\ufffd"] * len(run)
+
+
+def _byte_fallback(tokens):
+    out = []
+    run = bytearray()
+    for token in tokens:
+        match = _BYTE_TOKEN.fullmatch(token)
+        if match:
+            run.append(int(match.group(1), 16))
+            continue
+        if run:
+            out += _byte_run_text(run)
+            run = bytearray()
+        out.append(token)
+    if run:
+        out += _byte_run_text(run)
+    return out
+
+
+def _fuse(tokens):
+    return ["".join(tokens)]
+
+
+def _replace_in_each(old, new):
+    return lambda tokens: [token.replace(old, new) for token in tokens]
+
+
+def _strip_each(content, count):
+    """Strip's start: up to count copies of content off the front of each token."""
+    def strip(tokens):
+        out = []
+        for token in tokens:
+            cut = 0
+            while cut < count and cut < len(token) and token[cut] == content:
+                cut += 1
+            out.append(token[cut:])
+        return out
+    return strip
+
+
+def _metaspace_each(replacement, first):
+    """Metaspace's decoder: the replacement is a space, except in the first token (first)."""
+    return lambda tokens: [token.replace(replacement, first if i == 0 else " ")
+                           for i, token in enumerate(tokens)]
+
+
+def _spm_decoder(fields):
+    """(decode: [token texts] -> text, piece: token text -> bytes, strips: whether decode drops
+    the text's first space) for a sentencepiece-style decoder: Metaspace, or a Sequence of Replace
+    (String), ByteFallback, Fuse and Strip, applied to the list of tokens as tokenizers does.
+    piece() is the token alone through the Replaces, Metaspaces and ByteFallback (<0xNN>: the byte
+    itself), not stripped."""
+    stages = []
+    strips = False
+    steps = []  # piece(): (old, new) replacements in order, None where ByteFallback is
+    for part in _sequence_parts(fields, "decoders"):
+        kind = part.get("type", (str,))
+        if kind == "Replace":
+            old, new = _string_pattern(part), part.get("content", (str,))
+            stages.append(_replace_in_each(old, new))
+            steps.append((old, new))
+        elif kind == "ByteFallback":
+            stages.append(_byte_fallback)
+            steps.append(None)
+        elif kind == "Fuse":
+            stages.append(_fuse)
+        elif kind == "Strip":
+            content = part.get("content", (str,))
+            start = part.get("start", (int,))
+            if len(content) != 1 or start < 0:
+                part.fail(f"{part.where}: content {content!r} is not one character or start "
+                          f"{start} is below 0")
+            if part.get("stop", (int,)) != 0:
+                part.fail(f"{part.where}.stop is not 0: not supported")
+            stages.append(_strip_each(content, start))
+            # after Fuse, the text's first token is the whole text
+            strips = strips or (content == " " and start > 0 and _fuse in stages)
+        elif kind == "Metaspace":
+            replacement, scheme = _metaspace_options(part)
+            strips = strips or scheme != "never"
+            stages.append(_metaspace_each(replacement, " " if scheme == "never" else ""))
+            steps.append((replacement, " "))
+        else:
+            part.fail(f"{part.where}: decoder {kind!r} is not supported (only ByteLevel, or "
+                      f"Metaspace, Replace, ByteFallback, Fuse and Strip)")
+
+    def decode(tokens):
+        for stage in stages:
+            tokens = stage(tokens)
+        return "".join(tokens)
+
+    def piece(token):
+        for step in steps:
+            if step is not None:
+                token = token.replace(*step)
+            else:
+                match = _BYTE_TOKEN.fullmatch(token)
+                if match:
+                    return bytes([int(match.group(1), 16)])
+        return token.encode("utf-8")
+    return decode, piece, strips
 
 
 def _post_processor_ids(fields, vocab_size):
@@ -585,23 +891,42 @@ def _piece_of(token):
 
 
 def _load_tokenizer_json(path, configs):
+    """A ByteLevel decoder makes a byte-level file; any other, a sentencepiece-style one."""
     doc = _Fields(path, _read_json(path), "tokenizer.json")
-    for key in ("normalizer", "truncation", "padding"):
+    for key in ("truncation", "padding"):
         if doc.get(key, (dict, list, str, int, bool, None), None) is not None:
             doc.fail(f"{key} is not null: not supported")
     model = doc.sub("model")
     kind = model.get("type", (str,), None)
     if kind != "BPE":
         model.fail(f"model type {kind!r} is not supported (only \"BPE\")")
+    decoder = doc.sub("decoder", (dict, None))
+    byte_level = decoder is not None and decoder.get("type", (str,)) == "ByteLevel"
+    if byte_level:
+        if doc.get("normalizer", (dict, list, str, int, bool, None), None) is not None:
+            doc.fail("normalizer is not null: not supported")
+        normalize = None
+    else:
+        if decoder is None:
+            doc.fail("decoder None is not supported (only ByteLevel, or Metaspace, Replace, "
+                     "ByteFallback, Fuse and Strip)")
+        decode_tokens, spm_piece, strips_first_space = _spm_decoder(decoder)
+        normalize = _normalizer(doc.sub("normalizer", (dict, None), None))
     if model.get("dropout", (int, float, None), None) is not None:
         model.fail("model.dropout is set: BPE dropout is random, not supported")
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key, (str, None), None):
             model.fail(f"model.{key} is set: not supported")
-    model.false("byte_fallback")
+    if byte_level:
+        model.false("byte_fallback")
+        byte_fallback = False
+        ignore_merges = model.get("ignore_merges", (bool,), False)
+    else:
+        byte_fallback = model.get("byte_fallback", (bool,), False)
+        model.false("ignore_merges")
+        ignore_merges = False
     unk_token = model.get("unk_token", (str, None), None)
     fuse_unk = model.get("fuse_unk", (bool,), False)
-    ignore_merges = model.get("ignore_merges", (bool,), False)
 
     vocab = model.get("vocab", (dict,))
     tokens = {}
@@ -615,8 +940,16 @@ def _load_tokenizer_json(path, configs):
         model.fail(f"model.vocab's ids are not 0..{len(tokens) - 1} without gaps")
     if unk_token is not None and unk_token not in vocab:
         model.fail(f"model.unk_token {unk_token!r} is not in the vocabulary")
+    if byte_fallback:
+        # tokenizers falls back to <unk> for a character missing one of its bytes, in an order
+        # of its own; the files we know have all 256
+        for b in range(256):
+            if f"<0x{b:02X}>" not in vocab:
+                model.fail(f"model.byte_fallback is true but the vocabulary has no <0x{b:02X}>: "
+                           f"not supported")
 
     merges = {}
+    merge_pairs = []
     for rank, merge in enumerate(model.get("merges", (list,))):
         if isinstance(merge, str):
             pair = merge.split(" ")
@@ -631,11 +964,15 @@ def _load_tokenizer_json(path, configs):
             if token not in vocab:
                 model.fail(f"model.merges[{rank}]: {token!r} is not in the vocabulary")
         merges[vocab[left], vocab[right]] = (rank, vocab[left + right])  # a later duplicate wins
+        merge_pairs.append((left, right))
 
     vocab_size = len(tokens)
-    added = []  # (content, id, normalized)
-    special_ids = set()
+    added = []  # (text matched, id, normalized)
+    special_contents = set()
     contents = set()
+    matched = set()
+    texts = dict(tokens)  # id -> its text as tokenizers decodes it: a normalized added token's
+    # is its content normalized
     for i, item in enumerate(doc.get("added_tokens", (list,), [])):
         if not isinstance(item, dict):
             doc.fail(f"added_tokens[{i}] is a {_json_type(item)}, expected object")
@@ -655,28 +992,46 @@ def _load_tokenizer_json(path, configs):
                        f"give {expected}")
         if token_id == vocab_size:
             vocab_size += 1
+        # a normalized token is looked for, and decoded, as its content normalized
+        text = normalize(content) if normalized and normalize is not None else content
+        if not text or (text, normalized) in matched:
+            entry.fail(f"{entry.where}: {content!r} normalizes to {text!r}, empty or another "
+                       f"token's: not supported")
+        matched.add((text, normalized))
         tokens[token_id] = content
-        added.append((content, token_id, normalized))
+        texts[token_id] = text
+        added.append((text, token_id, normalized))
         if special:
-            special_ids.add(token_id)
+            special_contents.add(content)
+    # decode(skip_special_tokens=True) leaves out a token whose text is a special token's content
+    # (so not a normalized one whose text the normalizer changed, as in tokenizers)
+    special_ids = frozenset(i for i, text in texts.items() if text in special_contents)
 
-    if doc.get("pre_tokenizer", (dict, None)) is None:
-        doc.fail("pre_tokenizer is null; only byte-level BPE (a ByteLevel pre-tokenizer) "
-                 "is supported")
-    stages = _pre_tokenizer_stages(doc.sub("pre_tokenizer"))
-    decoder = doc.sub("decoder", (dict, None))
-    if decoder is None or decoder.get("type", (str,)) != "ByteLevel":
-        doc.fail(f"decoder {decoder and decoder.obj.get('type')!r} is not supported "
-                 f"(only ByteLevel)")
+    if byte_level:
+        if doc.get("pre_tokenizer", (dict, None)) is None:
+            doc.fail("pre_tokenizer is null; only byte-level BPE (a ByteLevel pre-tokenizer) "
+                     "is supported")
+        pre_tokenize = _split_by(_pre_tokenizer_stages(doc.sub("pre_tokenizer")))
+        bpe = _merges_bpe(vocab, merges, ignore_merges, vocab.get(unk_token), fuse_unk)
+        piece_bytes = [_piece_of(tokens[i]) for i in range(vocab_size)]
+        decoder = None
+    else:
+        pre_tokenizer = doc.sub("pre_tokenizer", (dict, None), None)
+        pre_tokenize = _metaspace_pre_tokenizer(pre_tokenizer, _word_chunks(vocab, merge_pairs))
+        if normalize is not None and pre_tokenizer is not None:
+            doc.fail("a normalizer and a pre_tokenizer together are not supported in a "
+                     "sentencepiece-style file")
+        bpe = _chars_bpe(vocab, merges, vocab.get(unk_token), fuse_unk, byte_fallback)
+        token_texts = [texts[i] for i in range(vocab_size)]
+        piece_bytes = [spm_piece(token) for token in token_texts]
+        decoder = (token_texts, decode_tokens, strips_first_space)
     prefix, suffix = _post_processor_ids(doc.sub("post_processor", (dict, None), None), vocab_size)
 
     by_content = {token: token_id for token_id, token in tokens.items()}
     eos_ids = _eos_ids(configs, by_content, vocab_size, default=())
-    piece_bytes = [_piece_of(tokens[i]) for i in range(vocab_size)]
-    return BpeTokenizer(path, vocab_size, piece_bytes, frozenset(special_ids),
-                        _added_matchers(added), stages, _merges_bpe(vocab, merges, ignore_merges,
-                                                        vocab.get(unk_token), fuse_unk),
-                        prefix, suffix, eos_ids)
+    return BpeTokenizer(path, vocab_size, piece_bytes, special_ids,
+                        _added_matchers(added), pre_tokenize, bpe, prefix, suffix, eos_ids,
+                        normalize, decoder)
 
 
 def _load_tiktoken(path, configs):
@@ -687,7 +1042,8 @@ def _load_tiktoken(path, configs):
         raise LlamaError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise LlamaError(f"{path}: byte {e.start} is not ASCII: not a tiktoken ranks file (a "
-                         f"sentencepiece tokenizer.model goes through tokenizer.py)") from None
+                         f"sentencepiece tokenizer.model goes through tokenizer.py: convert it "
+                         f"with python tokenizer.py -t {path})") from None
     ranks_of = {}
     lines = text.split("\n")
     if lines[-1] == "":
@@ -755,8 +1111,8 @@ def _load_tiktoken(path, configs):
         piece_bytes[rank] = token
     piece_bytes += [content.encode("utf-8") for content, _, _ in added]
     return BpeTokenizer(path, vocab_size, piece_bytes, frozenset(special_ids),
-                        _added_matchers(added), [_regex("llama3").findall], _ranks_bpe(ranks_of),
-                        prefix, [], eos_ids)
+                        _added_matchers(added), _split_by([_regex("llama3").findall]),
+                        _ranks_bpe(ranks_of), prefix, [], eos_ids)
 
 
 def _token_content(fields, key, default):
@@ -815,10 +1171,10 @@ def _read_configs(folder, config):
 
 
 def load(path, config=None):
-    """Load a tokenizer.json, a tiktoken tokenizer.model, or a folder holding either (its
-    tokenizer.json preferred). config: a tokenizer_config.json (or config.json,
-    generation_config.json) or a folder of them; when None, those beside path are read. Raises
-    LlamaError, one line naming the file, for anything it cannot read exactly."""
+    """Load a tokenizer.json (byte-level or sentencepiece-style), a tiktoken tokenizer.model, or
+    a folder holding either (its tokenizer.json preferred). config: a tokenizer_config.json (or
+    config.json, generation_config.json) or a folder of them; when None, those beside path are
+    read. Raises LlamaError, one line naming the file, for anything it cannot read exactly."""
     path = os.fspath(path)
     if os.path.isdir(path):
         folder = path

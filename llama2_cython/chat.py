@@ -295,8 +295,8 @@ def _environment():
 # What a conversation is fed as, what ends a reply, and how the reply's tokens print and read back.
 
 class TemplateFormat:
-    """A Hugging Face tokenizer and its chat template. The tokenizer is llama2_cython.bpe's, or one
-    that wraps it: encode(text, add_special_tokens), decode(ids), piece(id), eos_ids, source."""
+    """A Hugging Face tokenizer (llama2_cython.hf_tokenizer.HFTokenizer, the engines') and its
+    chat template."""
 
     def __init__(self, tokenizer, template):
         self.tokenizer = tokenizer
@@ -304,7 +304,7 @@ class TemplateFormat:
         stop = list(tokenizer.eos_ids)
         eos = template.special_tokens.get("eos_token")
         if eos is not None:
-            ids = tokenizer.encode(eos, False)
+            ids = tokenizer.encode(eos, bos=False)
             if len(ids) != 1:
                 raise LlamaError(f"{template.source}: eos_token {eos!r} is not one token of "
                                  f"{tokenizer.source} but {len(ids)}")
@@ -326,13 +326,23 @@ class TemplateFormat:
 
     def prompt(self, messages):
         text = self.template.render(messages, add_generation_prompt=True)
-        # no special tokens added: the template writes them (encode's second argument is
-        # add_special_tokens, or bos for a wrapper that takes run.c's arguments)
-        return ChatPrompt(self.tokenizer.encode(text, False), text)
+        # no special tokens added (add_special_tokens=False): the template writes them
+        return ChatPrompt(self.tokenizer.encode(text, bos=False), text)
 
     def printer(self):
-        """token -> the bytes to print: the token's own bytes (a character may span tokens)."""
-        return self.tokenizer.piece
+        """token -> the bytes to print: the token's own bytes (a character may span tokens),
+        which make the reply's decode(): a sentencepiece-style decoder drops the text's first
+        space, so the reply's first piece loses it."""
+        at_start = [self.tokenizer.tokenizer.strips_first_space]
+
+        def piece(token):
+            data = self.tokenizer.piece(token)
+            if at_start[0] and data:
+                at_start[0] = False
+                if data[:1] == b" ":
+                    return data[1:]
+            return data
+        return piece
 
     def reply_text(self, ids):
         return self.tokenizer.decode(ids)
@@ -503,16 +513,3 @@ def _text(what, line):
         raise LlamaError(f"the {what} is not UTF-8 (byte {e.start}: {line[e.start]:#04x}); "
                          f"a chat template takes text") from None
 
-
-def load_tokenizer(engine_tokenizer, path, vocab_size):
-    """The tokenizer -z names for chat mode: a Hugging Face one (a folder, a tokenizer.json or a
-    tiktoken tokenizer.model: llama2_cython.bpe) or run.c's tokenizer .bin (engine_tokenizer).
-    A stand-in until -z takes Hugging Face tokenizers in every mode (branch hf-tokenizer)."""
-    from . import bpe
-    if not (os.path.isdir(path) or str(path).endswith((".json", ".model"))):
-        return engine_tokenizer(path, vocab_size)
-    tokenizer = bpe.load(path)
-    if tokenizer.vocab_size > vocab_size:
-        raise LlamaError(f"{tokenizer.source}: {tokenizer.vocab_size} tokens, more than the "
-                         f"model's vocab_size {vocab_size}")
-    return tokenizer

@@ -4,7 +4,7 @@ llama2.c train.py checkpoint, a Hugging Face Llama folder or Meta's own Llama 2 
 folder. NumPy only; torch is imported only for --checkpoint.
 
     python export.py OUT.bin --version {0,1,2} (--bin IN.bin | --checkpoint ckpt.pt | --hf DIR |
-                     --meta-llama DIR [--seq-len N]) [--group-size N]
+                     --meta-llama DIR [--seq-len N]) [--group-size N] [--packed]
 
 The formats (little-endian; [wcls] is there only when the classifier is not shared with the
 token embedding table):
@@ -19,7 +19,11 @@ token embedding table):
      matrix at a time: its int8 values, then one fp32 scale per group of group_size values.
   v3: v1's (group_size 0) or v2's tensors after a header that also holds the RoPE base and
      scaling and the RMSNorm epsilon (llama2_cython/formats.py); written instead of v1 or v2 for
-     a model that run.c's constants would compute wrongly.
+     a model that run.c's constants would compute wrongly, and for --packed: v2's norms and
+     token_embedding_table, then wq, wk, wv, wo, w1, w2, w3, wcls (the table again when shared)
+     in runq's packed layout (layout 1, formats.py).
+A Q8_0 file converted to Q8_0 with its own group size keeps its int8 values and scales as they
+are (--packed from a v2 file, and back, only moves bytes).
 """
 import argparse
 import glob
@@ -281,12 +285,14 @@ class FileSource:
         self.shared = header.shared_classifier
         self._data = np.memmap(path, np.uint8, mode="r")
         self._offsets = {}  # key: (offset of layer 0, bytes per layer)
+        # a Q8_0 file's group size: q80() gives its tensors as stored
+        self.group_size = header.group_size if header.quantized else 0
         offset = header.size
         shapes = weight_shapes(header.config)
         if header.version == 0:
             order = list(V0_ORDER) + ["freq_cis"] + ([] if self.shared else ["wcls"])
         else:
-            order = list(NORMS) + list(_tensor_names(self.shared))
+            order = list(NORMS) + list(_tensor_names(self.shared and not header.layout))
         head_size = header.config["dim"] // header.config["n_heads"]
         for key in order:
             if key == "freq_cis":
@@ -297,25 +303,44 @@ class FileSource:
             values = math.prod(shape) // count
             size = values + 4 * (values // header.group_size) if header.quantized and key not in NORMS \
                 else 4 * values
+            if header.layout and key not in NORMS and key != "token_embedding_table":
+                if key == "wq":  # the packed matrices start aligned (formats.packed_start)
+                    offset = formats.packed_start(header)
+                values, scales = formats.packed_size(*shape[-2:], header.group_size)
+                size = values + 4 * scales
             self._offsets[key] = (offset, size)
             offset += count * size
         (log or _silent)(f"read {path}: version {header.version}, {header.describe()}, "
                          f"{'shared' if self.shared else 'separate'} classifier")
 
-    def tensor(self, key, layer=None):
-        if key == "wcls" and self.shared:
-            key = "token_embedding_table"
+    def _raw(self, key, layer):
+        """(bytes of the tensor, its shape without the layer axis)."""
         shape = weight_shapes(self.header.config)[key]
         if key in LAYERED:
             shape = shape[1:]
         offset, size = self._offsets[key]
-        raw = self._data[offset + (layer or 0) * size:][:size]
-        if not self.header.quantized or key in NORMS:
-            return raw.view("<f4").astype(np.float32).reshape(shape)
+        return self._data[offset + (layer or 0) * size:][:size], shape
+
+    def tensor(self, key, layer=None):
+        if key == "wcls" and self.shared and not self.header.layout:
+            key = "token_embedding_table"
+        if self.header.quantized and key not in NORMS:
+            q, scale = self.q80(key, layer)
+            return _dequantize(q, scale, q.shape)
+        raw, shape = self._raw(key, layer)
+        return raw.view("<f4").astype(np.float32).reshape(shape)
+
+    def q80(self, key, layer=None):
+        """A Q8_0 file's matrix as stored, in rows: (int8 values shaped like the matrix, float32
+        scales, one per group of group_size values), unpacked from a packed file."""
+        if key == "wcls" and self.shared and not self.header.layout:
+            key = "token_embedding_table"
+        raw, shape = self._raw(key, layer)
+        if self.header.layout and key != "token_embedding_table":
+            return unpack_q80(raw, *shape, self.group_size)
         values = math.prod(shape)
-        q = raw[:values].view(np.int8)
         scale = raw[values:].view("<f4").astype(np.float32)
-        return _dequantize(q, scale, shape)
+        return raw[:values].view(np.int8).reshape(shape), scale
 
 
 def gather(source):
@@ -355,13 +380,16 @@ def _config_ints(cfg):
     return [cfg[key] for key in CONFIG_KEYS]
 
 
-def header_bytes(version, cfg, shared, group_size=0, rope=formats.Rope(), norm_eps=formats.NORM_EPS):
-    """The 256 header bytes of a v1, v2 or v3 file (for writers of their own: tools/bench.py)."""
+def header_bytes(version, cfg, shared, group_size=0, rope=formats.Rope(), norm_eps=formats.NORM_EPS,
+                 packed=False):
+    """The 256 header bytes of a v1, v2 or v3 file (for writers of their own: tools/bench.py);
+    packed: v3's layout 1."""
     head = struct.pack("<Ii7iB", MAGIC, version, *_config_ints(cfg), shared)
     if version >= 2:
         head += struct.pack("<i", group_size)
     if version == 3:
         head += b"\0" * (formats.V3_PARAMS_OFFSET - len(head)) + formats.pack_v3_params(rope, norm_eps)
+        head += formats.V3_LAYOUT.pack(int(packed))
     return head + b"\0" * (HEADER_SIZE - len(head))
 
 
@@ -380,21 +408,93 @@ def rope_tables(config, start=0, stop=None):
 QUANTIZE_VALUES = 1 << 22  # values quantized at a time: temporaries stay a few times 16 MB
 
 
-def _write_q80(fh, array, group_size):
-    """One tensor as Q8_0 (its int8 values, then its scales), quantized a slice of groups at a
-    time; returns the largest absolute error."""
+def _q80_slices(array, group_size):
+    """(int8 values, scales, largest absolute error) of each slice of QUANTIZE_VALUES values of a
+    tensor, in order."""
     flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
     if flat.size % group_size:
         raise ExportError(f"{flat.size} values do not split into groups of {group_size}")
     step = max(group_size, QUANTIZE_VALUES // group_size * group_size)
-    scales, error = [], 0.0
     for start in range(0, flat.size, step):
-        q, scale, piece_error = quantize_q80(flat[start:start + step], group_size)
+        yield quantize_q80(flat[start:start + step], group_size)
+
+
+def _write_q80(fh, array, group_size):
+    """One tensor as Q8_0 (its int8 values, then its scales), quantized a slice of groups at a
+    time; returns the largest absolute error."""
+    scales, error = [], 0.0
+    for q, scale, piece_error in _q80_slices(array, group_size):
         _write(fh, q, np.int8)
         scales.append(scale)
         error = max(error, piece_error)
     _write(fh, np.concatenate(scales) if scales else np.empty(0, np.float32), "<f4")
     return error
+
+
+# runq's packed layout (formats.py's layout 1; q8matmul.h's q8_pack_block defines it): each block
+# of 16 rows is a chunk of 1024 bytes per 64 columns, whose 64-byte vector k holds bytes 4k ..
+# 4k + 3 of the chunk's columns for rows 0 .. 15 in turn, as w + 128; the padding rows and columns
+# are 0 (128). The scales follow per block: 16 floats a group, one per row (0 past the last row).
+PACK_ROWS = 1 << 12  # rows packed at a time (a multiple of 16): temporaries a few times 16 MB
+
+
+def _packed_values(q):
+    """The packed layout's int8 bytes (as uint8) of q (rows, cols), whole blocks of 16 rows."""
+    rows, cols = q.shape
+    padded = np.zeros((-(-rows // 16) * 16, -(-cols // 64) * 64), np.uint8)
+    padded[:rows, :cols] = q.view(np.uint8)
+    padded ^= 0x80
+    # (block, row in block, chunk, 4-byte lane, byte) -> (block, chunk, lane, row in block, byte)
+    lanes = padded.reshape(padded.shape[0] // 16, 16, padded.shape[1] // 64, 16, 4)
+    return lanes.transpose(0, 2, 3, 1, 4).reshape(-1)
+
+
+def _packed_scales(scale, rows, group_size):
+    """The packed layout's scales of a matrix whose rows have scale.size // rows groups."""
+    groups = scale.size // rows
+    padded = np.zeros((-(-rows // 16) * 16, groups), np.float32)
+    padded[:rows] = np.reshape(scale, (rows, groups))
+    return padded.reshape(-1, 16, groups).transpose(0, 2, 1).reshape(-1)
+
+
+def pack_q80(q, scale, group_size):
+    """(int8 values as uint8, float32 scales) of Q8_0 q (rows, cols) and its scales (one per
+    group of group_size values, row-major) in runq's packed layout."""
+    q = np.asarray(q, np.int8)
+    values = np.concatenate([_packed_values(q[r:r + PACK_ROWS])
+                             for r in range(0, q.shape[0], PACK_ROWS)])
+    return values, _packed_scales(scale, q.shape[0], group_size)
+
+
+def unpack_q80(data, rows, cols, group_size):
+    """(int8 values (rows, cols), float32 scales) of a matrix stored packed in data (uint8: its
+    values, then its scales): pack_q80's inverse, the padding dropped."""
+    nbytes, nscales = formats.packed_size(rows, cols, group_size)
+    blocks, groups = -(-rows // 16), cols // group_size
+    lanes = np.asarray(data[:nbytes], np.uint8).reshape(blocks, -(-cols // 64), 16, 16, 4)
+    q = (lanes.transpose(0, 3, 1, 2, 4).reshape(blocks * 16, -1)[:rows, :cols] ^ 0x80).view(np.int8)
+    scale = np.asarray(data[nbytes:nbytes + 4 * nscales]).view("<f4").reshape(blocks, groups, 16)
+    scale = scale.transpose(0, 2, 1).reshape(blocks * 16, groups)[:rows]
+    return q, scale.astype(np.float32).reshape(-1)
+
+
+def _write_packed(fh, q, scale, group_size):
+    """One matrix in the packed layout, PACK_ROWS rows of values at a time, then its scales."""
+    for r in range(0, q.shape[0], PACK_ROWS):
+        _write(fh, _packed_values(q[r:r + PACK_ROWS]), np.uint8)
+    _write(fh, _packed_scales(scale, q.shape[0], group_size), "<f4")
+
+
+def _q80(source, key, layer, shape, group_size):
+    """(int8 values shaped like the matrix, scales, largest absolute error) of one matrix: as
+    stored where source is a Q8_0 file of this group size (error 0: nothing is requantized),
+    else quantized."""
+    if getattr(source, "group_size", 0) == group_size:
+        q, scale = source.q80(key, layer)
+        return q, scale, 0.0
+    pieces = list(_q80_slices(_checked(source, key, layer, {key: shape}), group_size))
+    q = np.concatenate([p[0] for p in pieces]).reshape(shape[-2:])
+    return q, np.concatenate([p[1] for p in pieces]), max(p[2] for p in pieces)
 
 
 def _checked(source, key, layer, shapes):
@@ -416,12 +516,13 @@ def _each(source, key, cfg, shapes):
 # The writers replace path only with a complete file (llama2_cython.files.atomic_write): an error,
 # Ctrl-C or kill part-way leaves the old file as it was.
 
-def write_model(path, version, source, group_size=64, *, back_off=True, log=None):
+def write_model(path, version, source, group_size=64, *, back_off=True, packed=False, log=None):
     """Write source (see sources above) as a llama2.c file: version 0 (legacy, run.c), 1 (fp32)
     or 2 (Q8_0, with group_size backed off as choose_group_size says, or refused with
     back_off=False). A model that run.c's constants would compute wrongly (model_params) is
-    written as v3 with the tensors of v1 or v2; version 0 cannot hold it and refuses. Reads and
-    writes one tensor at a time. Returns the group size used (0 for fp32)."""
+    written as v3 with the tensors of v1 or v2; version 0 cannot hold it and refuses. packed
+    (version 2 only): v3 with the matrices in runq's packed layout (layout 1: group size 32 or
+    64). Reads and writes one tensor at a time. Returns the group size used (0 for fp32)."""
     log = log or _silent
     cfg = _check_config(source.config, "config")
     rope, norm_eps = model_params(source.config)
@@ -432,9 +533,16 @@ def write_model(path, version, source, group_size=64, *, back_off=True, log=None
         raise ExportError(f"version 0 cannot hold this model ({formats.describe_model(rope, norm_eps)}: "
                           f"run.c would compute it with base 10000 and epsilon 1e-5); write "
                           f"--version 1 or 2, which write it as version 3")
+    if packed and version != 2:
+        raise ExportError(f"version {version} cannot be packed: the packed layout is Q8_0's "
+                          f"(version 2)")
     group_size = choose_group_size(cfg, group_size, back_off) if version == 2 else 0
-    file_version = version if llama2 else 3
-    if file_version == 3:
+    if packed:
+        formats.check_packable(cfg, group_size, "--packed")
+    file_version = version if llama2 and not packed else 3
+    if packed:
+        log("packed matrices: writing version 3 (layout 1), which upstream's runq.c refuses")
+    elif file_version == 3:
         log(f"{formats.describe_model(rope, norm_eps)}: writing version 3 "
             f"({'Q8_0' if group_size else 'fp32'} tensors), which upstream's run.c/runq.c refuse")
     max_error = 0.0
@@ -458,20 +566,37 @@ def write_model(path, version, source, group_size=64, *, back_off=True, log=None
                 _write(fh, _checked(source, "wcls", None, shapes), "<f4")
                 log(f"wrote wcls {shapes['wcls']}")
             return 0
-        fh.write(header_bytes(file_version, cfg, shared, group_size, rope, norm_eps))
+        fh.write(header_bytes(file_version, cfg, shared, group_size, rope, norm_eps, packed))
         for key in NORMS:
             for piece in _each(source, key, cfg, shapes):
                 _write(fh, piece, "<f4")
-        for key in _tensor_names(shared):
+        for key in _tensor_names(shared and not packed):
             if not group_size:
                 for piece in _each(source, key, cfg, shapes):
                     _write(fh, piece, "<f4")
                 log(f"wrote {key} {shapes[key]}")
                 continue
+            copied = getattr(source, "group_size", 0) == group_size  # a Q8_0 file's, as they are
+            in_rows = not packed or key == "token_embedding_table"
+            if not in_rows and key == "wq":  # the packed matrices start aligned
+                fh.write(b"\0" * (-fh.tell() % formats.PACKED_ALIGN))
             error = 0.0
-            for piece in _each(source, key, cfg, shapes):
-                error = max(error, _write_q80(fh, piece, group_size))
-            log(f"quantized {key} {shapes[key]} to Q8_0 with max error {error:g}")
+            for layer in (range(cfg["n_layers"]) if key in LAYERED else (None,)):
+                if in_rows and not copied:
+                    piece_error = _write_q80(fh, _checked(source, key, layer, shapes), group_size)
+                else:
+                    q, scale, piece_error = _q80(source, key, layer, shapes[key], group_size)
+                    if in_rows:
+                        _write(fh, q, np.int8)
+                        _write(fh, scale, "<f4")
+                    else:
+                        _write_packed(fh, q, scale, group_size)
+                error = max(error, piece_error)
+            layout = "" if in_rows else " in the packed layout"
+            if copied:
+                log(f"copied {key} {shapes[key]}'s Q8_0 values and scales{layout}")
+            else:
+                log(f"quantized {key} {shapes[key]} to Q8_0{layout} with max error {error:g}")
             max_error = max(max_error, error)
     if group_size:
         log(f"max quantization group error across all weights: {max_error:g}")
@@ -928,11 +1053,16 @@ def main(argv=None):
         description="Write a llama2.c model file: version 0 (legacy, run.c), 1 (float32) or "
                     "2 (Q8_0, runq.c).")
     parser.add_argument("filepath", help="the output file")
-    parser.add_argument("--version", type=int, choices=(0, 1, 2), default=0,
-                        help="the format to write (default 0)")
+    parser.add_argument("--version", type=int, choices=(0, 1, 2),
+                        help="the format to write (default 0; 2 with --packed)")
     parser.add_argument("--group-size", type=int, metavar="N",
                         help="Q8_0 group size for version 2; must divide dim and hidden_dim "
-                             "(default: 64, halved until it does)")
+                             "(default: a Q8_0 --bin file's own, whose values are then copied as "
+                             "they are; else 64, halved until it does)")
+    parser.add_argument("--packed", action="store_true",
+                        help="version 2's Q8_0 matrices in the layout runq multiplies on AVX-512 "
+                             "VNNI, written as version 3: runq maps them with no copy at load "
+                             "(group size 32 or 64; upstream's runq.c refuses the file)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--bin", metavar="IN.bin", help="a llama2.c model file of any version")
     source.add_argument("--checkpoint", metavar="CKPT.pt",
@@ -945,6 +1075,10 @@ def main(argv=None):
                         help="the context length to write for --meta-llama (default 2048, as "
                              "upstream's export.py; Llama 2 was trained with 4096)")
     args = parser.parse_args(argv)
+    if args.version is None:
+        args.version = 2 if args.packed else 0
+    if args.packed and args.version != 2:
+        parser.error("--packed applies to --version 2 only (Q8_0)")
     if args.group_size is not None and args.version != 2:
         parser.error("--group-size applies to --version 2 only")
     if args.seq_len is not None and not args.meta_llama:
@@ -971,10 +1105,13 @@ def main(argv=None):
         else:
             source = MetaLlamaSource(args.meta_llama, progress, seq_len=args.seq_len)
         # one tensor at a time from the source to the file
-        write_model(args.filepath, args.version, source,
-                    64 if args.group_size is None else args.group_size,
-                    back_off=args.group_size is None, log=progress)
-        written = args.version if formats.is_llama2(*model_params(source.config)) else 3
+        group_size = args.group_size
+        if group_size is None:
+            group_size = getattr(source, "group_size", 0) or 64
+        write_model(args.filepath, args.version, source, group_size,
+                    back_off=args.group_size is None, packed=args.packed, log=progress)
+        llama2 = formats.is_llama2(*model_params(source.config))
+        written = args.version if llama2 and not args.packed else 3
     except (ExportError, OSError) as e:
         print(f"export.py: error: {_message(e)}", file=sys.stderr)
         return 1

@@ -12,11 +12,21 @@ layouts, the rules a header must follow, and the number of bytes each format giv
      header with version 3, group_size 0 for v1's fp32 tensors or > 0 for v2's Q8_0 ones, and at
      byte 48 (all little-endian): float32 rope_theta, float32 norm_eps, int32 rope_scaling (0
      none, 1 linear, 2 llama3), float32 rope_factor, float32 rope_low_freq_factor, float32
-     rope_high_freq_factor, int32 rope_original_max_position; every other byte of the 256 is 0.
+     rope_high_freq_factor, int32 rope_original_max_position, and at byte 76 int32 layout: 0 for
+     v2's rows, 1 for Q8_0 matrices packed for runq's AVX-512 VNNI kernel (below); every other
+     byte of the 256 is 0, and a reader refuses a file where one is not (a field it does not
+     know), so a reader without the layout field refuses a packed file rather than misread it.
      upstream's run.c and runq.c refuse it (runq.c: "Bad version 3"; run.c reads no magic number
      at all, and none of its files start with one), where a v1 or v2 file would be read with the
      wrong constants without a word. export.py writes v3 only for such models: a Llama 2 model
-     is always written in the formats upstream reads, byte for byte.
+     is always written in the formats upstream reads, byte for byte, unless asked for layout 1.
+  layout 1 (v3 with group_size 32 or 64 dividing dim and hidden_dim; export.py --packed): the
+     norms and the token embedding table as in v2 (rows: one is read per token), then zero bytes
+     up to a multiple of 64 from the file's start, then wq, wk, wv, wo, w1, w2, w3 (each layer's)
+     and wcls (always: the embedding table packed too when the classifier is shared), each as
+     q8matmul.h's packed layout: its blocks of 16 rows of int8 values (w + 128, transposed in
+     4-byte lanes; rows and columns padded to 16 and 64), then its blocks' scales. runq maps them
+     and multiplies them where they lie: no copy, so processes share the page cache.
 export.py's docstring lists the tensors of each format in order.
 """
 import array
@@ -49,6 +59,11 @@ NORM_EPS = float32(1e-5)
 ROPE_SCALINGS = ("none", "linear", "llama3")  # v3's rope_scaling, by its number
 V3_PARAMS = struct.Struct("<ffifffi")  # rope_theta .. rope_original_max_position, at byte 48
 V3_PARAMS_OFFSET = 48
+LAYOUTS = ("rows", "packed")  # v3's layout, by its number
+V3_LAYOUT = struct.Struct("<i")
+V3_LAYOUT_OFFSET = V3_PARAMS_OFFSET + V3_PARAMS.size  # 76
+PACKED_GROUP_SIZES = (32, 64)  # what the packed kernel multiplies
+PACKED_ALIGN = 64  # where the packed matrices start: the kernel's aligned loads
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,7 @@ class Header:
     group_size: int = 0  # v2, and v3 with Q8_0 tensors; 0 for fp32 tensors
     rope: Rope = Rope()  # v3 only; run.c's for the others
     norm_eps: float = NORM_EPS  # v3 only; run.c's for the others
+    layout: int = 0  # v3 only: 1 when the matrices are packed (LAYOUTS)
 
     @property
     def size(self):
@@ -94,6 +110,8 @@ class Header:
         text += f", group_size={self.group_size}" if self.quantized else ""
         if self.version == 3:
             text += f", {describe_model(self.rope, self.norm_eps)}"
+        if self.layout:
+            text += ", packed matrices"
         return text
 
 
@@ -177,13 +195,17 @@ def parse_header(head, path):
         if not 0 <= scaling < len(ROPE_SCALINGS):
             raise LlamaError(f"{path}: bad header: rope_scaling = {scaling} (0 none, 1 linear, "
                              f"2 llama3)")
+        layout = V3_LAYOUT.unpack_from(head, V3_LAYOUT_OFFSET)[0]
+        if not 0 <= layout < len(LAYOUTS):
+            raise LlamaError(f"{path}: bad header: layout = {layout} (0 rows, 1 packed; a newer "
+                             f"format?)")
         if head[36] > 1 or any(head[41:V3_PARAMS_OFFSET]) or \
-                any(head[V3_PARAMS_OFFSET + V3_PARAMS.size:HEADER_SIZE]):
+                any(head[V3_LAYOUT_OFFSET + V3_LAYOUT.size:HEADER_SIZE]):
             # a field that this reader does not know would be ignored: refuse instead
             raise LlamaError(f"{path}: bad header: v3 bytes that must be 0 are not (a newer "
                              f"format?)")
         rope = Rope(theta, ROPE_SCALINGS[scaling], factor, low, high, original)
-        return Header(3, config, head[36] != 0, group_size, rope, eps)
+        return Header(3, config, head[36] != 0, group_size, rope, eps, layout)
     if len(head) < V0_HEADER_SIZE:
         raise LlamaError(f"{path}: file is {len(head)} bytes, too small for a model header")
     config = dict(zip(CONFIG_FIELDS, _ints(head, 0, 7)))
@@ -240,6 +262,12 @@ def quantized_tensors(config, shared_classifier):
     if not shared_classifier:
         tensors.append(("wcls", 1, c["vocab_size"], dim))
     return tensors
+
+
+def packed_tensors(config):
+    """(name, count, rows, cols) of the matrices a layout-1 file packs, in file order: wcls
+    always, the embedding table packed again when the classifier is shared."""
+    return quantized_tensors(config, False)[1:]
 
 
 def check_group_size(config, group_size, shared_classifier, where):
@@ -304,6 +332,37 @@ def check_header(header, path):
                          f"weights, > 0 for Q8_0)")
     if header.version == 3:
         check_model_params(header.config, header.rope, header.norm_eps, f"{path}: bad header")
+    if header.layout:
+        check_packable(header.config, header.group_size, f"{path}: bad header")
+
+
+def check_packable(config, group_size, where):
+    """Refuses a group size that the packed layout (layout 1) cannot hold: the packed kernel's
+    group sizes only, each row made of whole groups."""
+    if group_size not in PACKED_GROUP_SIZES:
+        raise LlamaError(f"{where}: group_size = {group_size}: packed matrices need a group "
+                         f"size of 32 or 64")
+    for name in ("dim", "hidden_dim"):
+        if config[name] % group_size:
+            raise LlamaError(f"{where}: group_size = {group_size} does not divide {name} = "
+                             f"{config[name]} (packed matrices need rows of whole groups)")
+
+
+def packed_size(rows, cols, group_size):
+    """(bytes of int8 values, number of float32 scales) of a (rows, cols) matrix in the packed
+    layout: q8matmul.h's q8_packed_bytes and q8_packed_scales."""
+    blocks = -(-rows // 16)
+    return blocks * -(-cols // 64) * 1024, blocks * (cols // group_size) * 16
+
+
+def packed_start(header):
+    """The file offset of a layout-1 file's first packed matrix (after the norms, the embedding
+    table in rows and the padding to PACKED_ALIGN)."""
+    c = header.config
+    norms = 4 * (2 * c["n_layers"] * c["dim"] + c["dim"])
+    embedding = c["vocab_size"] * c["dim"]
+    end = header.size + norms + embedding + 4 * (embedding // header.group_size)
+    return -(-end // PACKED_ALIGN) * PACKED_ALIGN
 
 
 def weights_nbytes(header):
@@ -311,6 +370,12 @@ def weights_nbytes(header):
     c = header.config
     norms = 2 * c["n_layers"] * c["dim"] + c["dim"]  # rms_att, rms_ffn, rms_final
     matrices = quantized_tensors(c, header.shared_classifier)
+    if header.layout:  # the embedding in rows, then every matrix packed, the classifier too
+        end = packed_start(header)
+        for _, count, rows, cols in packed_tensors(c):
+            values, scales = packed_size(rows, cols, header.group_size)
+            end += count * (values + 4 * scales)
+        return end - header.size
     if header.quantized:  # int8 values and one fp32 scale per group
         return 4 * norms + sum(n * (r * k + 4 * (r * k // header.group_size)) for _, n, r, k in matrices)
     floats = norms + sum(n * r * k for _, n, r, k in matrices)
@@ -350,9 +415,9 @@ def map_model(checkpoint, quantized, prog, populate=True):
     """(Header, read-only mmap) of a model file with Q8_0 tensors (v2, v3 with a group size: runq)
     or with fp32 ones (v0, v1, v3 without: run), as quantized says. Every
     size is checked against the file before the C code makes a pointer into it (run.c and runq.c
-    trust the header). populate: map every page now (Linux's MAP_POPULATE), unless the file is
-    larger than the machine's memory: then it is mapped as it is read, and a warning on stderr
-    says that every token reads it from disk."""
+    trust the header). populate (or populate(header), a function of the Header): map every page
+    now (Linux's MAP_POPULATE), unless the file is larger than the machine's memory: then it is
+    mapped as it is read, and a warning on stderr says that every token reads it from disk."""
     path = os.fsdecode(checkpoint)
     try:
         f = open(checkpoint, "rb")
@@ -367,6 +432,8 @@ def map_model(checkpoint, quantized, prog, populate=True):
         check_header(header, path)
         check_file_size(header, file_size, path)
         check_kv_cache_fits(header.config, f"{path}: bad header")
+        if callable(populate):
+            populate = populate(header)
         memory = physical_memory()
         if file_size > memory:
             # it runs (the page cache keeps what fits), at the disk's pace

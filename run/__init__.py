@@ -3,8 +3,8 @@ from llama2_cython import LlamaError
 from llama2_cython.api import Model as _Model
 
 from . import _run
-from ._run import (Sampler, Tokenizer, Transformer, chat, generate, generate_batch, main,
-                   time_in_ms)
+from ._run import (Sampler, Tokenizer, Transformer, chat, generate, generate_batch,
+                   load_tokenizer, main, time_in_ms)
 
 
 class Model(_Model):
@@ -13,4 +13,4 @@ class Model(_Model):
 
 
 __all__ = ["LlamaError", "Model", "Sampler", "Tokenizer", "Transformer", "chat", "generate",
-           "generate_batch", "main", "time_in_ms"]
+           "generate_batch", "load_tokenizer", "main", "time_in_ms"]

@@ -13,6 +13,15 @@ def logits(prog, model, tokens):
     return [transformer.forward(token, pos).tolist() for pos, token in enumerate(tokens)]
 
 
+def logits_npy(prog, model, tokens, out):
+    """logits(), saved as one float32 array (positions, vocab) in the .npy file out: at 128k tokens
+    a vocabulary's logits are too many floats to pass as JSON quickly."""
+    import numpy as np
+    transformer = importlib.import_module(prog).Transformer(model)
+    np.save(out, np.stack([transformer.forward(token, pos) for pos, token in enumerate(tokens)]))
+    return out
+
+
 def encode(prog, tokenizer, vocab_size, cases):
     """prog's encode() of each case's text, with its bos and eos flags."""
     tok = importlib.import_module(prog).Tokenizer(tokenizer, vocab_size)
@@ -54,6 +63,37 @@ def batch_vs_alone(prog, model, tokenizer, prompts, steps, temperatures, seeds):
     for i, text in m.generate_batch(prompts, steps=steps, temperature=temperatures, seed=seeds):
         together[i] += text
     return [alone, together]
+
+
+def packed_twin(pairs, tokens):
+    """For each [v2 file, its packed twin (layout 1)]: whether runq gives the same logits from
+    both, bit for bit, through forward() (the engine), forward_prompt(), forward(reference=True)
+    (C's forward(), on rows unpacked on demand where the engine multiplies the packed file) and
+    from the packed file with pack=False (rows unpacked at load); whether the weights views agree;
+    and whether the engine multiplies each file packed."""
+    import numpy as np
+    runq = importlib.import_module("runq")
+    out = []
+    for v2, packed in pairs:
+        a, b = runq.Transformer(v2), runq.Transformer(packed)
+        rows = runq.Transformer(packed, pack=False)
+        same = {"forward": True, "reference": True, "prompt": True, "rows": True}
+        ra, rb = a.with_new_state(), b.with_new_state()
+        for pos, token in enumerate(tokens):
+            la = a.forward(token, pos)
+            same["forward"] &= bool(np.array_equal(la, b.forward(token, pos)))
+            same["rows"] &= bool(np.array_equal(la, rows.forward(token, pos)))
+            same["reference"] &= bool(np.array_equal(ra.forward(token, pos, reference=True),
+                                                     rb.forward(token, pos, reference=True)))
+        same["prompt"] = bool(np.array_equal(a.with_new_state().forward_prompt(tokens),
+                                             b.with_new_state().forward_prompt(tokens)))
+        wa, wb = a.weights, b.weights
+        same["weights"] = sorted(wa) == sorted(wb) and all(
+            all(np.array_equal(x, y) for x, y in zip(wa[k], wb[k])) if isinstance(wa[k], tuple)
+            else np.array_equal(wa[k], wb[k]) for k in wa)
+        same["packed"] = [a.packed, b.packed, rows.packed]
+        out.append(same)
+    return out
 
 
 def int8_kernel():

@@ -1,6 +1,7 @@
 """Property-based fuzzing of the loaders (hypothesis): mutated header ints, truncations and corrupt
-bytes of v0/v1/v2/v3 model files and of the tokenizer. Each case loads in a forked child (fuzz.check),
-so a segfault is a failure, not a dead pytest; a LlamaError or ValueError is a clean refusal."""
+bytes of v0/v1/v2/v3 model files (v3 with packed matrices too) and of the tokenizer. Each case
+loads in a forked child (fuzz.check), so a segfault is a failure, not a dead pytest; a LlamaError
+or ValueError is a clean refusal."""
 import random
 
 import pytest
@@ -12,7 +13,7 @@ from tools import fuzz
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None)
 
 
-@pytest.mark.parametrize("target", ["v0", "v1", "v2", "v3", "v3q", "tokenizer"])
+@pytest.mark.parametrize("target", ["v0", "v1", "v2", "v3", "v3q", "v3p", "tokenizer"])
 @SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), rounds=st.integers(1, 3))
 def test_mutated_files_load_cleanly(tmp_path_factory, target, seed, rounds):
@@ -25,9 +26,9 @@ def test_mutated_files_load_cleanly(tmp_path_factory, target, seed, rounds):
     assert fuzz.check(path, target, forward=False) is None
 
 
-@pytest.mark.parametrize("target", ["v0", "v1", "v2", "v3", "v3q"])
+@pytest.mark.parametrize("target", ["v0", "v1", "v2", "v3", "v3q", "v3p"])
 @SETTINGS
-@given(field=st.integers(0, 14), value=st.sampled_from(fuzz.INTERESTING) | st.integers(-2**31, 2**31 - 1))
+@given(field=st.integers(0, 15), value=st.sampled_from(fuzz.INTERESTING) | st.integers(-2**31, 2**31 - 1))
 def test_header_int_mutations(tmp_path_factory, target, field, value):
     import struct
     data = bytearray((fuzz.TESTDATA / fuzz.SOURCES[target]).read_bytes())
@@ -38,7 +39,7 @@ def test_header_int_mutations(tmp_path_factory, target, field, value):
     assert fuzz.check(path, target, forward=False) is None
 
 
-@pytest.mark.parametrize("target", ["v0", "v1", "v2", "v3", "v3q", "tokenizer"])
+@pytest.mark.parametrize("target", ["v0", "v1", "v2", "v3", "v3q", "v3p", "tokenizer"])
 @SETTINGS
 @given(fraction=st.floats(0, 1))
 def test_truncated_files(tmp_path_factory, target, fraction):

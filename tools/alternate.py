@@ -17,7 +17,8 @@ The same directory twice (an A/A run) shows how far apart two identical builds l
 The big shapes (7B, 13B: runq only) decode a random Q8_0 file (bench.big_shape), fewer
 positions a turn, and numpy's sgemv streams two layers' matrices of the shape in fp32 (the
 whole model would be 27 GB at 7B; two layers, 1.6 GB at 7B, are far beyond any cache): the
-ratio compares bandwidths, the int8 file's bytes per token against numpy's fp32 bytes.
+ratio compares bandwidths, the int8 file's bytes per token against numpy's fp32 bytes. With
+--packed, runq decodes the same random values from a file with packed matrices.
 """
 import argparse
 import os
@@ -81,6 +82,8 @@ def main():
     ap.add_argument("--program", choices=["run", "runq"], default="run")
     ap.add_argument("--shape", choices=sorted(bench.SHAPES), default="110M")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--packed", action="store_true",
+                    help="the big shapes from a file with packed matrices (export.py --packed)")
     args = ap.parse_args()
     for build in args.builds:
         if not (build / args.program).is_dir():
@@ -90,7 +93,7 @@ def main():
             sys.exit(f"alternate: the {args.shape} shape is for runq only")
         global CHUNK
         CHUNK = 4  # tokens a turn (about a second at 7B)
-        model, _ = bench.big_shape(args.shape)
+        model, _ = bench.big_shape(args.shape, args.packed)
         nbytes = bench.q80_file_decode_bytes(model)
         fp32 = args.shape  # the numpy worker makes its own matrices
         fp32_bytes = sum(m.nbytes for m in bench.layer_matrices(bench.SHAPES[args.shape], 2))

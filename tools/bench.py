@@ -33,7 +33,8 @@ files written straight into BENCH_BIG_DIR (default build/bench, beside the small
 14 GB): an fp32 7B would be 27 GB. Their yardsticks stream two layers' matrices of the shape in fp32 (1.6 GB at 7B, far past
 any cache), and every round also loads the model in a process of its own: load time and peak
 resident memory during the load, resident memory after it, and the peak of the decode's process.
-Fewer rounds and steps by default (3 and 32).
+Fewer rounds and steps by default (3 and 32). With --packed, the big shapes run from files whose
+matrices are packed (export.py --packed; the same random values), which runq maps with no copy.
 """
 import argparse
 import contextlib
@@ -50,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 import run
-from llama2_cython import export
+from llama2_cython import export, formats
 from llama2_cython.formats import quantized_tensors
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,35 +106,45 @@ def model_files(name, with_q80):
     return fp32, q80, tok
 
 
-def write_random_q80(path, config, seed=0, group_size=64):
+def write_random_q80(path, config, seed=0, group_size=64, packed=False):
     """A v2 (Q8_0) file of random weights in config's shape, written tensor by tensor (a 7B
     model in fp32 would take 27 GB of memory): uniform int8 values with one random scale per
     group, matrices at about 1/sqrt(fan_in) (uniform int8 times 0.01 overflows to NaN at 7B),
-    the embedding at about 1, norms about 1; a separate classifier, as Llama 2's."""
+    the embedding at about 1, norms about 1; a separate classifier, as Llama 2's. packed: the
+    same values with the matrices packed (what export.py --packed makes of the v2 file)."""
     cfg = export._check_config(config, "config")
     rng = np.random.default_rng(seed)
     L, dim = cfg["n_layers"], cfg["dim"]
     int8_std = 127 / 3 ** 0.5  # of uniform integers in [-127, 127]
     with export.atomic_write(path) as fh:
-        fh.write(export.header_bytes(2, cfg, False, group_size))
+        fh.write(export.header_bytes(3 if packed else 2, cfg, False, group_size, packed=packed))
         for count in (L, L, 1):  # rms_att_weight, rms_ffn_weight, rms_final_weight
             fh.write((1 + 0.1 * rng.standard_normal(count * dim)).astype("<f4").tobytes())
         for name, count, rows, cols in quantized_tensors(cfg, False):
             std = 1.0 if name in ("token_embedding_table", "wcls") else cols ** -0.5
+            if packed and name == "wq":
+                fh.write(b"\0" * (-fh.tell() % formats.PACKED_ALIGN))
             for _ in range(count):
-                fh.write(rng.integers(-127, 128, rows * cols, dtype=np.int8).tobytes())
+                q = rng.integers(-127, 128, rows * cols, dtype=np.int8)
                 scales = rng.uniform(0.5, 1.5, rows * cols // group_size) * (std / int8_std)
-                fh.write(scales.astype("<f4").tobytes())
+                scales = scales.astype("<f4")
+                if packed and name != "token_embedding_table":
+                    export._write_packed(fh, q.reshape(rows, cols), scales, group_size)
+                else:
+                    fh.write(q.tobytes())
+                    fh.write(scales.tobytes())
 
 
-def big_shape(name):
-    """The cached random Q8_0 file of a big shape (written once into BIG_DIR) and the tokenizer."""
+def big_shape(name, packed=False):
+    """The cached random Q8_0 file of a big shape (written once into BIG_DIR), its matrices
+    packed or not, and the tokenizer."""
     BIG_DIR.mkdir(parents=True, exist_ok=True)
     CACHE.mkdir(parents=True, exist_ok=True)
-    q80, tok = BIG_DIR / f"{name}_q80.bin", CACHE / "tok32000.bin"
+    q80, tok = BIG_DIR / f"{name}_q80{'_packed' if packed else ''}.bin", CACHE / "tok32000.bin"
     if not q80.exists():
-        print(f"writing a random {name} Q8_0 file in {BIG_DIR} ...", file=sys.stderr, flush=True)
-        write_random_q80(q80, SHAPES[name])
+        print(f"writing a random {name} Q8_0 file{' (packed)' if packed else ''} in {BIG_DIR} ...",
+              file=sys.stderr, flush=True)
+        write_random_q80(q80, SHAPES[name], packed=packed)
     if not tok.exists():
         write_tokenizer(tok, 32000)
     return q80, tok
@@ -300,15 +311,16 @@ def big_decode(model, tokenizer, steps):
     return float(re.search(r"achieved tok/s: ([0-9.]+)", stderr).group(1)), peak
 
 
-def big_shapes(names, repeats, steps):
+def big_shapes(names, repeats, steps, packed=False):
     """The rows of the big shapes: runq only (see the docstring)."""
-    print("\nBig shapes (runq on random Q8_0 files; numpy's yardsticks on two layers in fp32):")
+    print(f"\nBig shapes (runq on random Q8_0 files{', packed' if packed else ''}; numpy's "
+          f"yardsticks on two layers in fp32):")
     print("| shape | file | load s | peak RSS in load | RSS after load | packed | decode tok/s | GB/s | "
           "numpy sgemv GB/s | ratio | decode peak RSS | 128-token prompt tok/s | GFLOP/s | "
           "numpy sgemm GFLOP/s | ratio |")
     print("| --- " * 15 + "|")
     for name in names:
-        q80, tok = big_shape(name)
+        q80, tok = big_shape(name, packed)
         file_bytes = os.path.getsize(q80)
         nbytes = q80_file_decode_bytes(q80)
         c = SHAPES[name]
@@ -381,6 +393,8 @@ def main():
                     help="run_cuda compares with the GPU's memory bandwidth instead of numpy's")
     ap.add_argument("--repeats", type=int, help="default 5 (3 for the big shapes)")
     ap.add_argument("--steps", type=int, help="default 256 (32 for the big shapes)")
+    ap.add_argument("--packed", action="store_true",
+                    help="the big shapes from files with packed matrices (export.py --packed)")
     ap.add_argument("--c-run", metavar="BINARY",
                     help="llama2.c's run built with `make runomp`: decoded in the same rounds, for "
                          "issue 13's 15M target (without it, NOTES.md's run.c figure stands in)")
@@ -390,7 +404,7 @@ def main():
     if big:
         print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cpus; "
               f"medians of {args.repeats or 3} rounds, {args.steps or 32} decode steps")
-        big_shapes(big, args.repeats or 3, args.steps or 32)
+        big_shapes(big, args.repeats or 3, args.steps or 32, args.packed)
         if not args.shapes:
             return 0
     args.repeats = args.repeats or 5

@@ -16,14 +16,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 TESTDATA = REPO / "testdata"
 SOURCES = {"v0": "tiny_mha.bin", "v1": "tiny_mha.v1.bin", "v2": "tiny_mha_q80.bin",
-           "v3": "tiny_gqa_llama3.v3.bin", "v3q": "tiny_gqa_llama3_q80.v3.bin", "tokenizer": "tok512.bin"}
+           "v3": "tiny_gqa_llama3.v3.bin", "v3q": "tiny_gqa_llama3_q80.v3.bin",
+           "v3p": "tiny_gqa_q80.packed.v3.bin", "tokenizer": "tok512.bin"}
 # where each kind of file keeps its header's numbers: the 7 config ints; v2's group size; v3's
-# RoPE and RMSNorm fields (floats and ints alike get int32 values written over them)
+# RoPE and RMSNorm fields (floats and ints alike get int32 values written over them) and layout
 HEADER_OFFSETS = {"v0": [4 * i for i in range(7)], "v1": [8 + 4 * i for i in range(7)],
                   "v2": [8 + 4 * i for i in range(7)] + [37],
                   "v3": [8 + 4 * i for i in range(7)] + [37] + [48 + 4 * i for i in range(7)]}
 HEADER_OFFSETS["v3q"] = HEADER_OFFSETS["v3"]
-QUANTIZED = ("v2", "v3q")  # loaded by runq
+HEADER_OFFSETS["v3p"] = HEADER_OFFSETS["v3"] + [76]  # packed matrices (layout 1)
+QUANTIZED = ("v2", "v3q", "v3p")  # loaded by runq
 INTERESTING = [0, 1, -1, 2, 3, 4, 7, 64, 96, 255, 256, 511, 512, 513, 1 << 16, 1 << 20, (1 << 20) + 1,
                1 << 30, 2**31 - 1, -2**31]
 
