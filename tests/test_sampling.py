@@ -1,9 +1,11 @@
 """Issue 12, sampling at the edges (the sampler sections of run.pyx and runq.pyx): an infinite
 temperature samples uniformly as run.c built with -O3 does (with -Ofast the division by inf gave
 NaN logits and <unk> forever), and a top-p cut-off that leaves no candidate picks the nucleus's
-one token instead of reading before the array (run.c's bug)."""
+one token instead of reading before the array (run.c's bug). And top-p sampling without qsort
+(topp.pxi) draws run.c's token on every kind of distribution."""
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import runq
 from tests.helpers import REPO, TESTDATA
 
 MODULES = {"run": run, "runq": runq}
+ENGINES = {"run": run._run, "runq": runq._runq}  # their compiled modules (sample_topp_of)
 MODELS = {"run": TESTDATA / "tiny_mha.bin", "runq": TESTDATA / "tiny_mha_q80.bin"}
 MASK = (1 << 64) - 1
 
@@ -93,3 +96,87 @@ def test_cli_infinite_temperature_prints_uniform_tokens(prog, temperature):
         token = next_token
     assert proc.stdout == expected + b"\n"
     assert b"<unk>" not in proc.stdout
+
+
+# ----------------------------------------------------------------------------
+# top-p: sample() draws with topp.pxi's sample_topp_fast, which must return the token of run.c's
+# sample_topp (qsort and all) for every distribution, topp and coin
+
+def softmax32(logits):
+    e = np.exp(logits - logits.max())
+    return (e / e.sum()).astype(np.float32)
+
+
+def distributions(n, rng):
+    """(name, float32 probabilities of n tokens) of many kinds, ties included."""
+    normal = rng.standard_normal(n)
+    yield "flat", softmax32(0.5 * normal)  # nearly every token a candidate
+    yield "spread", softmax32(2 * normal)
+    yield "peaked", softmax32(8 * normal)  # a few candidates
+    one_hot = np.zeros(n)
+    one_hot[rng.integers(n)] = 30
+    yield "one token", softmax32(one_hot)
+    yield "tied everywhere", softmax32(np.round(2 * normal))  # a few distinct values
+    yield "uniform", np.full(n, np.float32(1 / n))
+    top = 3 * normal
+    top[rng.choice(n, 4, replace=False)] = top.max() + 1  # 4 tokens tied for the top
+    yield "tied top", softmax32(top)
+    tail = 3 * normal
+    low = tail < np.median(tail)
+    tail[low] = np.round(tail[low])  # the tail tied, the head distinct
+    yield "tied tail", softmax32(tail)
+    yield "unnormalized", (0.5 * softmax32(normal)).astype(np.float32)  # the sum never reaches topp
+    # float32's own rounding ties some probabilities of a flat distribution over many tokens
+    yield "rounding ties", softmax32(0.01 * normal)
+
+
+TOPPS = [1e-4, 0.05, 0.5, 0.9, 0.99, float(np.float32(1 - 2 ** -24))]  # the last: just under 1
+
+
+@pytest.mark.parametrize("engine", ENGINES.values(), ids=ENGINES)
+@pytest.mark.parametrize("n", [512, 32000, 49152, 128256])
+def test_fast_top_p_draws_what_run_c_draws(engine, n):
+    rng = np.random.default_rng(n)
+    coins = np.float32([0.0, 0.5, 1 - 2 ** -24, rng.random()])
+    drawn = set()
+    for name, probabilities in distributions(n, rng):
+        for topp in TOPPS:
+            for coin in coins:
+                expected = engine.sample_topp_of(probabilities, topp, coin, reference=True)
+                assert engine.sample_topp_of(probabilities, topp, coin) == expected, (name, topp, coin)
+                drawn.add(expected)
+    assert len(drawn) > 20  # many different tokens were drawn
+
+
+@pytest.mark.parametrize("engine", ENGINES.values(), ids=ENGINES)
+def test_fast_top_p_edges(engine):
+    """What sample_topp does with probabilities no softmax gives (NaN, infinity, negative), a
+    single token, and an empty nucleus, the fast path does too."""
+    p = softmax32(np.random.default_rng(3).standard_normal(1000))
+    odd = [p.copy() for _ in range(3)]
+    odd[0][10] = np.nan
+    odd[1][20] = np.inf
+    odd[2][30] = -0.5
+    cases = [(q, topp, coin) for q in odd for topp in (0.5, 0.9) for coin in (0.1, 0.7)]
+    cases += [(np.ones(1, np.float32), 0.5, 0.3), (np.full(1000, np.float32(1e-3)), 1e-4, 0.2)]
+    for probabilities, topp, coin in cases:
+        coin = np.float32(coin)
+        assert (engine.sample_topp_of(probabilities, topp, coin)
+                == engine.sample_topp_of(probabilities, topp, coin, reference=True))
+
+
+@pytest.mark.parametrize("engine", ENGINES.values(), ids=ENGINES)
+def test_fast_top_p_is_fast(engine):
+    """The point of it: a flat distribution over Llama 3's 128256 tokens, where qsort sorts
+    nearly all of them (13 ms here; the fast path 0.7 ms). A wide margin: the machine is shared."""
+    p = softmax32(np.random.default_rng(4).standard_normal(128256))
+
+    def best_of(reference):
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            engine.sample_topp_of(p, 0.9, 0.5, reference=reference)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    assert best_of(False) < best_of(True) / 4
