@@ -233,6 +233,21 @@ static void q8_unpack_block(int8_t* wq, float* ws, int64_t block, const int8_t* 
     }
 }
 
+/* row `row` of a matrix in the packed layout (pq, ps), dequantized into x: runq.c's dequantize() of
+ * that row (each int8 value times its group's scale), read from the packed bytes: the same values
+ * and scales, so the same floats. runq.pyx reads the token embedding here when the classifier,
+ * packed, is the embedding table (tests/q8matmul_check.c compares every row with the rows') */
+static void q8_dequantize_row_packed(float* x, const int8_t* pq, const float* ps, int64_t row,
+                                     int n, int gs) {
+    int chunks = (n + 63) / 64, groups = n / gs, r = (int)(row % 16);
+    const int8_t* bq = pq + row / 16 * chunks * 1024;
+    const float* bs = ps + row / 16 * groups * 16;
+    for (int j = 0; j < n; j++) {
+        int8_t q = (int8_t)(bq[(j / 64) * 1024 + ((j % 64) / 4) * 64 + r * 4 + j % 4] ^ 0x80);
+        x[j] = q * bs[(j / gs) * 16 + r];
+    }
+}
+
 #if Q8_SIMD == 512
 /* ---------------------------------------------------------------------------------------------
  * AVX-512 VNNI */

@@ -37,6 +37,8 @@ cdef extern from "q8matmul.h" nogil:
                                 const int8_t* pq, const float* ps, int n, int gs)
     void q8_unpack_block(int8_t* wq, float* ws, int64_t block, const int8_t* pq, const float* ps,
                          int d, int n, int gs)
+    void q8_dequantize_row_packed(float* x, const int8_t* pq, const float* ps, int64_t row, int n,
+                                  int gs)
 
 import array
 import mmap
@@ -1208,7 +1210,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
 
     # copy the token embeddings into x
     for b in range(B):
-        dequantize_row(w.q_tokens, bs.x + b * dim, batch[b].token, dim, GS)
+        embedding_row(transformer, bs.x + b * dim, batch[b].token)
 
     # forward all the layers
     for l in range(p.n_layers):
@@ -1301,6 +1303,18 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             memcpy(bs.xb + n_out * dim, x, dim * sizeof(float))
             n_out += 1
     matmul_batch(bs.logits, bs, bs.xb, w.wcls, dim, p.vocab_size, GS, n_out, widest, packed)
+
+cdef void embedding_row(Transformer t, float* x, int token) noexcept nogil:
+    # forward()'s dequantize_row of the token's embedding, for forward_batch. Where the classifier
+    # is the embedding table and forward_batch multiplies it packed (pack_weights' copy, or a packed
+    # file's), the row comes from there (the same values and scales: the same bits): read from the
+    # file beside pack_weights' copy, each row would fault the file's pages back in, with more
+    # around them (0.25 GB of them within a minute of a Llama 3.2 1B decode)
+    if t.packed and t.shared_classifier:
+        q8_dequantize_row_packed(x, t.c_packed.wcls.q, t.c_packed.wcls.s, token, t.c_config.dim,
+                                 t.group_size)
+    else:
+        dequantize_row(t.c_packed.q_tokens, x, token, t.c_config.dim, t.group_size)
 
 cdef void swiglu(float* hb, const float* hb2, int hidden_dim) noexcept nogil:
     # forward()'s SwiGLU loop for one token of a batch

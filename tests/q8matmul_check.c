@@ -10,7 +10,9 @@
  * - Where the header has a packed layout (Q8_PACKED: AVX-512 VNNI) and the group size is 32 or
  *   64, the matrix is packed (q8_pack_block) and q8_matmul_block_packed must give what
  *   q8_matmul_block gives, bit for bit, for the same T tokens; and q8_pack_block (vector code)
- *   must write q8_pack_block_plain's bytes (a block that differs counts as one differing value).
+ *   must write q8_pack_block_plain's bytes (a block that differs counts as one differing value);
+ *   and every row that q8_dequantize_row_packed reads back from the packed layout must be the
+ *   file's row dequantized (runq.c's value times scale), bit for bit.
  * Prints the path, the number of values compared, the number that differ from the one-token
  * result, the number that differ from the reference (0 when not checked), the number of values
  * compared from the packed layout and the number of those that differ. */
@@ -47,7 +49,7 @@ int main(int argc, char** argv) {
     static int8_t pq[((MAX_D + 15) / 16) * MAX_N * 16 + 64] __attribute__((aligned(64)));
     static float ps[((MAX_D + 15) / 16) * MAX_N * 16] __attribute__((aligned(64))), packed[MAX_T * MAX_D];
     static int8_t pq_plain[sizeof pq];
-    static float ps_plain[sizeof ps / sizeof(float)];
+    static float ps_plain[sizeof ps / sizeof(float)], row[MAX_N];
     long compared_packed = 0, differ_packed = 0;
     static const int sizes[3] = {32, 64, 48};
     int exact = argc > 1 && strcmp(argv[1], "exact") == 0;
@@ -79,6 +81,15 @@ int main(int argc, char** argv) {
             if (memcmp(pq, pq_plain, q8_packed_bytes(d, n))
                     || memcmp(ps, ps_plain, q8_packed_scales(d, n, gs) * sizeof(float)))
                 differ_packed++;
+            for (int i = 0; i < d; i++) {
+                q8_dequantize_row_packed(row, pq, ps, i, n, gs);
+                for (int j = 0; j < n; j++) {
+                    float expected = w[i * n + j] * ws[i * groups + j / gs];
+                    compared_packed++;
+                    if (memcmp(&row[j], &expected, sizeof(float)))
+                        differ_packed++;
+                }
+            }
             for (int b = 0; b * 16 < d; b++)
                 q8_matmul_block_packed(packed, d, b, x, xsum, xs, T, STRIDE, pq, ps, n, gs);
             for (int i = 0; i < T * d; i++) {

@@ -224,16 +224,19 @@ def test_transformer_attributes_and_weights():
 PACK_SHAPE = dict(dim=128, hidden_dim=320, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, seq_len=32)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["classifier", "tied"])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_packed_copy_where_the_kernel_has_one(tmp_path, group_size):
+def test_packed_copy_where_the_kernel_has_one(tmp_path, group_size, shared):
     """On AVX-512 VNNI, forward_batch reads a packed copy of the matrices (group sizes 32 and 64,
     rows of whole groups) and the file's pages are given back: the engine's logits are the bits
     it gives from the file (pack=False), within rounding of forward()'s, and the weights views
-    still read the file."""
+    still read the file. With the classifier tied to the embedding table, the embedding rows come
+    from the packed classifier: the same bits for every token (each of the 16 rows of a packed
+    block, and the last block's)."""
     from llama2_cython import export
-    weights = export.random_model(PACK_SHAPE, seed=5, shared=False)
+    weights = export.random_model(PACK_SHAPE, seed=5, shared=shared)
     path = tmp_path / "model_q80.bin"
-    write_v2(path, PACK_SHAPE, weights, group_size, False)
+    write_v2(path, PACK_SHAPE, weights, group_size, shared)
     transformer = runq.Transformer(str(path))
     assert transformer.packed == (runq.INT8_KERNEL == "avx512vnni" and group_size != 128)
     unpacked = runq.Transformer(str(path), pack=False)
@@ -244,6 +247,10 @@ def test_packed_copy_where_the_kernel_has_one(tmp_path, group_size):
         np.testing.assert_array_equal(got, unpacked.forward(tok, pos))
         expected = reference.forward(tok, pos, reference=True)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-2 * np.abs(expected).max())
+    if shared:  # every token's row: the same logits
+        for token in range(PACK_SHAPE["vocab_size"]):
+            pos = token % PACK_SHAPE["seq_len"]
+            np.testing.assert_array_equal(transformer.forward(token, pos), unpacked.forward(token, pos))
     q, s = transformer.weights["w1"]
     fresh_q, fresh_s = runq.Transformer(str(path)).weights["w1"]
     assert np.array_equal(q, fresh_q) and np.array_equal(s, fresh_s) and np.abs(q).max() > 0
