@@ -531,13 +531,19 @@ cdef extern from *:
     #if defined(__unix__) || defined(__APPLE__)
     #include <sys/mman.h>
     #include <unistd.h>
-    /* the whole pages over [p, p + bytes), outward, handed back (MADV_DONTNEED): the file's pages
-     * stay in the page cache, and come back on the next read (refaults of a neighbour's edge page
-     * are cheap and change nothing) */
-    static void runq_drop_pages(const void* p, int64_t bytes) {
+    /* the whole pages over [p - margin, p + bytes + margin), outward, within the mapping [lo, hi),
+     * handed back (MADV_DONTNEED): the file's pages stay in the page cache, and come back on the
+     * next read (refaults of a neighbour's pages are cheap and change nothing) */
+    static void runq_drop_pages(const void* p, int64_t bytes, int64_t margin, const void* lo,
+                                const void* hi) {
         uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
-        uintptr_t start = (uintptr_t)p & ~(page - 1);
-        uintptr_t end = ((uintptr_t)p + (uintptr_t)bytes + page - 1) & ~(page - 1);
+        uintptr_t start = (uintptr_t)p - (uintptr_t)lo > (uintptr_t)margin ? (uintptr_t)p - margin
+                                                                           : (uintptr_t)lo;
+        uintptr_t end = (uintptr_t)p + (uintptr_t)(bytes + margin);
+        if (end > (uintptr_t)hi)
+            end = (uintptr_t)hi;
+        start &= ~(page - 1);
+        end = (end + page - 1) & ~(page - 1);
         madvise((void*)start, end - start, MADV_DONTNEED);
     }
     /* the pages of a mapped file read in and mapped now, huge where the page cache gives them
@@ -557,7 +563,10 @@ cdef extern from *:
         madvise(start, length, MADV_WILLNEED);
     }
     #else
-    static void runq_drop_pages(const void* p, int64_t bytes) { (void)p; (void)bytes; }
+    static void runq_drop_pages(const void* p, int64_t bytes, int64_t margin, const void* lo,
+                                const void* hi) {
+        (void)p; (void)bytes; (void)margin; (void)lo; (void)hi;
+    }
     static void runq_map_now(const void* p, int64_t bytes) { (void)p; (void)bytes; }
     #endif
 
@@ -595,7 +604,8 @@ cdef extern from *:
     static void runq_run_shares(runq_share_fn fn, void* arg, int n) { (void)n; fn(arg, 0, 1); }
     #endif
     """
-    void runq_drop_pages(const void* p, int64_t bytes) noexcept nogil
+    void runq_drop_pages(const void* p, int64_t bytes, int64_t margin, const void* lo,
+                         const void* hi) noexcept nogil
     void runq_map_now(const void* p, int64_t bytes) noexcept nogil
     ctypedef void (*runq_share_fn)(void* arg, int64_t first, int64_t step) noexcept nogil
     void runq_run_shares(runq_share_fn fn, void* arg, int n) noexcept nogil
@@ -611,7 +621,20 @@ cdef struct PackPlan:
     Py_ssize_t n_jobs
     int GS
     bint unpack  # from the packed layout to rows (q8_unpack_block), else rows to packed
-    bint drop  # hand back the file pages each job read
+    bint drop  # hand back the file pages each job read (hand_back)
+    const char* file_start  # the mapped file
+    const char* file_end
+
+# A read of a mapped file maps the pages around it too: fault-around, and on Linux 6.18 with ext4
+# the whole folio of the page cache the page is in, up to 2 MB. A job's first and last reads then
+# map pages of the jobs beside it, which stayed mapped when those had already handed theirs back
+# (at Llama 3.2 1B, 30 MB of the file's pages, evenly spread, at the end of packing). So a job hands
+# back this much more on either side: a neighbour still copying reads those pages back (cheap).
+DEF DROP_MARGIN = 1 << 21
+
+cdef inline void hand_back(const PackPlan* plan, const void* p, Py_ssize_t nbytes) noexcept nogil:
+    # the file pages of [p, p + nbytes), and DROP_MARGIN bytes on either side, handed back
+    runq_drop_pages(p, nbytes, DROP_MARGIN, plan.file_start, plan.file_end)
 
 cdef void pack_jobs(void* plan, int64_t first, int64_t step) noexcept nogil:
     # jobs first, first + step, ... of the PackPlan: copy their rows, then hand back the file
@@ -632,18 +655,18 @@ cdef void pack_jobs(void* plan, int64_t first, int64_t step) noexcept nogil:
                 q8_unpack_block(job.dst.q, job.dst.s, block, job.src.q, job.src.s, job.d, job.n, GS)
             if (<PackPlan*>plan).drop:
                 chunk_bytes = (job.n + 63) // 64 * 1024
-                runq_drop_pages(job.src.q + job.block0 * chunk_bytes,
-                                (job.block1 - job.block0) * chunk_bytes)
-                runq_drop_pages(job.src.s + job.block0 * groups * 16,
-                                (job.block1 - job.block0) * groups * 16 * sizeof(float))
+                hand_back(<PackPlan*>plan, job.src.q + job.block0 * chunk_bytes,
+                          (job.block1 - job.block0) * chunk_bytes)
+                hand_back(<PackPlan*>plan, job.src.s + job.block0 * groups * 16,
+                          (job.block1 - job.block0) * groups * 16 * sizeof(float))
             continue
         for block in range(job.block0, job.block1):
             q8_pack_block(job.dst.q, job.dst.s, block, job.src.q, job.src.s, job.d, job.n, GS)
         if (<PackPlan*>plan).drop:
             row0 = job.block0 * 16
             row1 = min(job.block1 * 16, <Py_ssize_t>job.d)
-            runq_drop_pages(job.src.q + row0 * job.n, (row1 - row0) * job.n)
-            runq_drop_pages(job.src.s + row0 * groups, (row1 - row0) * groups * sizeof(float))
+            hand_back(<PackPlan*>plan, job.src.q + row0 * job.n, (row1 - row0) * job.n)
+            hand_back(<PackPlan*>plan, job.src.s + row0 * groups, (row1 - row0) * groups * sizeof(float))
 
 def pack_threads():
     """Threads to pack with: OMP_NUM_THREADS when set (the threads the user gives runq), else
@@ -663,12 +686,12 @@ cdef char* address_of(buffer) except NULL:
 
 DEF PACK_JOB_BYTES = 1 << 21  # the file's bytes a job reads (about): its pages are held until it ends
 
-cdef object copy_matrices(list shapes, QuantizedTensor** sources, QuantizedTensor** copies, int GS,
-                          bint unpack, bint drop):
-    # the matrices sources[k][m] (shapes[k]: count, rows d, columns n) copied into the other
-    # layout (packed, or rows where unpack) in a new anonymous memory map, which is returned, with
-    # copies[k][m] pointed at each copy; None where there is no room for it (nothing copied).
-    # drop: each job hands back the file pages it read
+cdef object copy_matrices(Transformer t, list shapes, QuantizedTensor** sources,
+                          QuantizedTensor** copies, int GS, bint unpack, bint drop):
+    # the matrices sources[k][m] (shapes[k]: count, rows d, columns n; in t's mapped file) copied
+    # into the other layout (packed, or rows where unpack) in a new anonymous memory map, which is
+    # returned, with copies[k][m] pointed at each copy; None where there is no room for it (nothing
+    # copied). drop: each job hands back the file pages it read
     cdef int k, m, count, d, n
     cdef Py_ssize_t n_jobs = 0, blocks, step, b0
     cdef PackJob* job
@@ -704,6 +727,8 @@ cdef object copy_matrices(list shapes, QuantizedTensor** sources, QuantizedTenso
     if not plan.jobs:
         return None
     plan.n_jobs, plan.GS, plan.unpack, plan.drop = 0, GS, unpack, drop
+    plan.file_start = <const char*>&t._data[0]
+    plan.file_end = plan.file_start + t.file_size
     cdef char* ptr = address_of(copy)  # page-aligned; a packed tensor's size is a multiple of 64
     for k in range(len(shapes)):
         count, d, n = shapes[k]
@@ -750,7 +775,7 @@ cdef pack_weights(Transformer t):
     for k in range(8):
         packed[k] = t.packed_tensors + k * p.n_layers
     sources[:] = [w.wq, w.wk, w.wv, w.wo, w.w1, w.w2, w.w3, w.wcls]
-    t.packed_map = copy_matrices(matrix_shapes(t), sources, packed, GS, False, True)
+    t.packed_map = copy_matrices(t, matrix_shapes(t), sources, packed, GS, False, True)
     if t.packed_map is None:
         free(t.packed_tensors)
         t.packed_tensors = NULL
@@ -776,7 +801,7 @@ cdef unpack_weights(Transformer t, bint drop):
     shapes = matrix_shapes(t)
     if t.shared_classifier:  # its rows are the embedding table's, in the file
         shapes.pop()
-    t.rows_map = copy_matrices(shapes, sources, rows, t.group_size, True, drop)
+    t.rows_map = copy_matrices(t, shapes, sources, rows, t.group_size, True, drop)
     if t.rows_map is None:
         raise LlamaError(f"{t.checkpoint_path}: no room in memory to unpack its packed matrices "
                          f"into rows (about {t.file_size / 1e9:.1f} GB)")
