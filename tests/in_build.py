@@ -96,6 +96,24 @@ def packed_twin(pairs, tokens):
     return out
 
 
+def top_p(prog, n, seed):
+    """Top-p draws from softmaxes of n random logits at several spreads (flat to peaked, and
+    rounded: ties), topps and coins: [sample_topp_fast's tokens, run.c's sample_topp's]."""
+    import numpy as np
+    engine = importlib.import_module(f"{prog}._{prog}")  # the compiled module (sample_topp_of)
+    rng = np.random.default_rng(seed)
+    fast, reference = [], []
+    for logits in (0.5 * rng.standard_normal(n), 2 * rng.standard_normal(n), 8 * rng.standard_normal(n),
+                   np.round(2 * rng.standard_normal(n))):
+        e = np.exp(logits - logits.max())
+        p = (e / e.sum()).astype(np.float32)
+        for topp in (1e-4, 0.5, 0.9, 0.99):
+            for coin in np.float32([0.0, 0.5, 0.999, rng.random()]):
+                fast.append(engine.sample_topp_of(p, topp, coin))
+                reference.append(engine.sample_topp_of(p, topp, coin, reference=True))
+    return [fast, reference]
+
+
 def int8_kernel():
     """Which of q8matmul.h's paths runq's build compiled."""
     return importlib.import_module("runq").INT8_KERNEL

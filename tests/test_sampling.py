@@ -12,7 +12,7 @@ import pytest
 
 import run
 import runq
-from tests.helpers import REPO, TESTDATA
+from tests.helpers import REPO, TESTDATA, in_build
 
 MODULES = {"run": run, "runq": runq}
 ENGINES = {"run": run._run, "runq": runq._runq}  # their compiled modules (sample_topp_of)
@@ -146,6 +146,14 @@ def test_fast_top_p_draws_what_run_c_draws(engine, n):
                 assert engine.sample_topp_of(probabilities, topp, coin) == expected, (name, topp, coin)
                 drawn.add(expected)
     assert len(drawn) > 20  # many different tokens were drawn
+
+
+@pytest.mark.parametrize("prog", MODULES)
+def test_fast_top_p_draws_what_run_c_draws_in_the_exact_build(prog):
+    """The same in the IEEE build (make run's flags): no fast-math there, on either side."""
+    for n in (32000, 128256):
+        fast, reference = in_build("exact", "top_p", prog=prog, n=n, seed=n)
+        assert fast == reference and len(set(reference)) > 10
 
 
 @pytest.mark.parametrize("engine", ENGINES.values(), ids=ENGINES)
