@@ -94,7 +94,7 @@ def main():
         global CHUNK
         CHUNK = 4  # tokens a turn (about a second at 7B)
         model, _ = bench.big_shape(args.shape, args.packed)
-        nbytes = bench.q80_file_decode_bytes(model)
+        nbytes = bench.file_decode_bytes(model)
         fp32 = args.shape  # the numpy worker makes its own matrices
         fp32_bytes = sum(m.nbytes for m in bench.layer_matrices(bench.SHAPES[args.shape], 2))
     else:

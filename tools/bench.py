@@ -28,16 +28,23 @@ against numpy's sgemv.
 Last, decode while another program keeps one core busy, against the same decode on one thread
 under the same load (what the port's choice of threads, team.pxi, can at best reach).
 
-The big shapes (--shapes 7B 13B, Llama 2's; by hand, not in CI) run runq alone, on random Q8_0
-files written straight into BENCH_BIG_DIR (default build/bench, beside the small ones; 7 and
-14 GB): an fp32 7B would be 27 GB. Their yardsticks stream two layers' matrices of the shape in fp32 (1.6 GB at 7B, far past
-any cache), and every round also loads the model in a process of its own: load time and peak
-resident memory during the load, resident memory after it, and the peak of the decode's process.
-Fewer rounds and steps by default (3 and 32). With --packed, the big shapes run from files whose
-matrices are packed (export.py --packed; the same random values), which runq maps with no copy.
+The big shapes (--shapes SmolLM-360M 1B 7B 13B: SmolLM 360M's, with a 49152-token vocabulary,
+and Llama 3.2 1B's, with 128256, both with the classifier tied to the embedding table and their
+RoPE in a v3 file; Llama 2's; by hand, not in CI) run on random Q8_0 files written straight into
+BENCH_BIG_DIR (default build/bench, beside the small ones; 0.4, 1.3, 7 and 14 GB). Their
+yardsticks stream two layers' matrices of the shape in fp32 (1.6 GB at 7B, far past any cache),
+and every round also loads the model in a process of its own: load time and peak resident
+memory during the load, resident memory after it, and the peak of the decode's process. Each
+round also decodes with the command line's default sampling (temperature 1, top-p 0.9), against
+the greedy decode: what sampling costs a token. runq alone at 7B and 13B (an fp32 7B would be
+27 GB); at SmolLM-360M and 1B, run too (when among --programs), on an fp32 file of the same
+weights (1.4 and 4.9 GB). Fewer rounds and steps by default (3 and 32). With --packed, runq's
+files have their matrices packed (export.py --packed; the same random values), which runq maps
+with no copy.
 """
 import argparse
 import contextlib
+import copy
 import functools
 import os
 import re
@@ -52,7 +59,7 @@ import numpy as np
 
 import run
 from llama2_cython import export, formats
-from llama2_cython.formats import quantized_tensors
+from llama2_cython.formats import NORM_EPS, Rope, is_llama2, quantized_tensors
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "build" / "bench"
@@ -60,12 +67,25 @@ SHAPES = {
     "15M": dict(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6, vocab_size=32000, seq_len=256),
     "42M": dict(dim=512, hidden_dim=1376, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=32000, seq_len=1024),
     "110M": dict(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000, seq_len=1024),
-    # Llama 2's: runq only, from Q8_0 files written directly (big_shape())
+    # from Q8_0 files written directly (big_shape()): SmolLM 360M's and Llama 3.2 1B's shapes, and
+    # Llama 2's
+    "SmolLM-360M": dict(dim=960, hidden_dim=2560, n_layers=32, n_heads=15, n_kv_heads=5, vocab_size=49152,
+                        seq_len=2048),
+    "1B": dict(dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, seq_len=2048),
     "7B": dict(dim=4096, hidden_dim=11008, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, seq_len=4096),
     "13B": dict(dim=5120, hidden_dim=13824, n_layers=40, n_heads=40, n_kv_heads=40, vocab_size=32000, seq_len=4096),
 }
-BIG = ("7B", "13B")
-# where the big shapes' files go (BENCH_BIG_DIR): 7 and 14 GB
+BIG = ("SmolLM-360M", "1B", "7B", "13B")
+# what a big shape's file says besides its config (big_shape): SmolLM and Llama 3.2 1B tie the
+# classifier to the embedding table and rotate with another RoPE (v3 files); Llama 2's are v2 files
+BIG_MODELS = {"SmolLM-360M": dict(shared=True, rope=Rope(theta=100000.0)),
+              "1B": dict(shared=True, rope=Rope(theta=500000.0, scaling="llama3", factor=32.0,
+                                                low_freq_factor=1.0, high_freq_factor=4.0,
+                                                original_max_position=8192))}
+# the big shapes that run (fp32) decodes too, when it is among --programs: their fp32 files are 1.4
+# and 4.9 GB (7B's would be 27)
+FP32_BIG = ("SmolLM-360M", "1B")
+# where the big shapes' files go (BENCH_BIG_DIR): 7 and 14 GB at 7B and 13B
 BIG_DIR = Path(os.environ.get("BENCH_BIG_DIR", CACHE))
 # the acceptance targets of the issues (../shared/NOTES.md has the C figures they come from)
 # (issue 13: fp32 at numpy's bandwidth and at least run.c's speed, int8 at 0.8 of the bandwidth on
@@ -106,48 +126,69 @@ def model_files(name, with_q80):
     return fp32, q80, tok
 
 
-def write_random_q80(path, config, seed=0, group_size=64, packed=False):
-    """A v2 (Q8_0) file of random weights in config's shape, written tensor by tensor (a 7B
-    model in fp32 would take 27 GB of memory): uniform int8 values with one random scale per
-    group, matrices at about 1/sqrt(fan_in) (uniform int8 times 0.01 overflows to NaN at 7B),
-    the embedding at about 1, norms about 1; a separate classifier, as Llama 2's. packed: the
-    same values with the matrices packed (what export.py --packed makes of the v2 file)."""
+def write_random_q80(path, config, seed=0, group_size=64, shared=False, rope=Rope(), norm_eps=NORM_EPS,
+                     packed=False, fp32=False):
+    """A Q8_0 file of random weights in config's shape, written tensor by tensor (a 7B model in
+    fp32 would take 27 GB of memory): uniform int8 values with one random scale per group,
+    matrices at about 1/sqrt(fan_in) (uniform int8 times 0.01 overflows to NaN at 7B), the
+    embedding at about 1, norms about 1. v2 for run.c's RoPE and epsilon, else v3. shared: the
+    classifier is the embedding table (else a separate one, as Llama 2's), scaled as a matrix:
+    at about 1 each token's logit for itself (dim times the square) outweighed the rest, and a
+    decode repeated its first token forever (or stopped at once on BOS). packed: the same values
+    with the matrices packed (what export.py --packed makes of the v2 file; v3). fp32: the same
+    weights dequantized (each value times its scale, in float32), in a file for run (v1, or v3)."""
     cfg = export._check_config(config, "config")
     rng = np.random.default_rng(seed)
     L, dim = cfg["n_layers"], cfg["dim"]
     int8_std = 127 / 3 ** 0.5  # of uniform integers in [-127, 127]
+    version = 3 if packed or not is_llama2(rope, norm_eps) else 1 if fp32 else 2
+    tensors = quantized_tensors(cfg, shared)
+    if packed and shared:  # a packed file holds the classifier packed: the embedding table again
+        tensors.append(("wcls", *tensors[0][1:]))
     with export.atomic_write(path) as fh:
-        fh.write(export.header_bytes(3 if packed else 2, cfg, False, group_size, packed=packed))
+        fh.write(export.header_bytes(version, cfg, shared, 0 if fp32 else group_size, rope, norm_eps,
+                                     packed=packed))
         for count in (L, L, 1):  # rms_att_weight, rms_ffn_weight, rms_final_weight
             fh.write((1 + 0.1 * rng.standard_normal(count * dim)).astype("<f4").tobytes())
-        for name, count, rows, cols in quantized_tensors(cfg, False):
-            std = 1.0 if name in ("token_embedding_table", "wcls") else cols ** -0.5
+        embedding_rng = copy.deepcopy(rng)  # as it is before it draws the embedding table
+        for name, count, rows, cols in tensors:
+            std = 1.0 if name in ("token_embedding_table", "wcls") and not shared else cols ** -0.5
+            draw = embedding_rng if name == "wcls" and shared else rng
             if packed and name == "wq":
                 fh.write(b"\0" * (-fh.tell() % formats.PACKED_ALIGN))
             for _ in range(count):
-                q = rng.integers(-127, 128, rows * cols, dtype=np.int8)
-                scales = rng.uniform(0.5, 1.5, rows * cols // group_size) * (std / int8_std)
+                q = draw.integers(-127, 128, rows * cols, dtype=np.int8)
+                scales = draw.uniform(0.5, 1.5, rows * cols // group_size) * (std / int8_std)
                 scales = scales.astype("<f4")
                 if packed and name != "token_embedding_table":
                     export._write_packed(fh, q.reshape(rows, cols), scales, group_size)
+                elif fp32:
+                    groups = q.reshape(-1, group_size)
+                    step = (1 << 22) // group_size  # groups at a time: temporaries of 16 MB
+                    for start in range(0, len(groups), step):
+                        fh.write((groups[start:start + step].astype("<f4") * scales[start:start + step, None])
+                                 .tobytes())
                 else:
                     fh.write(q.tobytes())
                     fh.write(scales.tobytes())
 
 
-def big_shape(name, packed=False):
+def big_shape(name, packed=False, fp32=False):
     """The cached random Q8_0 file of a big shape (written once into BIG_DIR), its matrices
-    packed or not, and the tokenizer."""
+    packed or not (or with fp32, the fp32 file of the same weights), and a tokenizer of its
+    vocabulary's size."""
     BIG_DIR.mkdir(parents=True, exist_ok=True)
     CACHE.mkdir(parents=True, exist_ok=True)
-    q80, tok = BIG_DIR / f"{name}_q80{'_packed' if packed else ''}.bin", CACHE / "tok32000.bin"
-    if not q80.exists():
-        print(f"writing a random {name} Q8_0 file{' (packed)' if packed else ''} in {BIG_DIR} ...",
-              file=sys.stderr, flush=True)
-        write_random_q80(q80, SHAPES[name], packed=packed)
+    vocab_size = SHAPES[name]["vocab_size"]
+    kind = "fp32" if fp32 else "Q8_0 (packed)" if packed else "Q8_0"
+    model = BIG_DIR / (f"{name}.bin" if fp32 else f"{name}_q80{'_packed' if packed else ''}.bin")
+    tok = CACHE / f"tok{vocab_size}.bin"
+    if not model.exists():
+        print(f"writing a random {name} {kind} file in {BIG_DIR} ...", file=sys.stderr, flush=True)
+        write_random_q80(model, SHAPES[name], packed=packed, fp32=fp32, **BIG_MODELS.get(name, {}))
     if not tok.exists():
-        write_tokenizer(tok, 32000)
-    return q80, tok
+        write_tokenizer(tok, vocab_size)
+    return model, tok
 
 
 def layer_matrices(config, layers):
@@ -227,17 +268,18 @@ def q80_bytes(q80, fp32_bytes):
     return fp32_bytes // 4 + fp32_bytes // group_size
 
 
-def q80_file_decode_bytes(q80):
-    """The bytes of a v2 file that a decode reads per token: every matrix but the token
-    embedding table (one row of it), int8 values and float32 scales."""
+def file_decode_bytes(path):
+    """The bytes of a v1/v2/v3 file that a decode reads per token: every matrix but the token
+    embedding table (one row of it): int8 values and float32 scales, or float32 values."""
     from llama2_cython.formats import parse_header
-    with open(q80, "rb") as f:
-        header = parse_header(f.read(256), str(q80))
+    with open(path, "rb") as f:
+        header = parse_header(f.read(256), str(path))
     tensors = quantized_tensors(header.config, header.shared_classifier)
     if header.shared_classifier:  # the embedding table is the classifier too
         tensors.append(("wcls", *tensors[0][1:]))
-    return sum(count * rows * cols * (1 + 4 / header.group_size)
-               for name, count, rows, cols in tensors if name != "token_embedding_table")
+    per_value = 1 + 4 / header.group_size if header.quantized else 4
+    return sum(count * rows * cols * per_value for name, count, rows, cols in tensors
+               if name != "token_embedding_table")
 
 
 def batched_tok_s(model, sequences, steps):
@@ -289,9 +331,11 @@ def load_probe(model):
     return float(seconds), int(peak), int(after), packed == "True"
 
 
-def rss_bytes():
+def rss_bytes(field="VmRSS"):
+    """This process's resident memory now, or with "VmHWM" its peak since it started (unlike
+    ru_maxrss, which starts from the peak of the process that forked it)."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 def run_with_peak_rss(argv):
@@ -305,24 +349,26 @@ def run_with_peak_rss(argv):
     return stderr, usage.ru_maxrss * 1024
 
 
-def big_decode(model, tokenizer, steps):
-    """(tok/s, peak RSS bytes) of `python -m runq` decoding steps tokens greedily."""
-    stderr, peak = run_with_peak_rss([*COMMANDS["runq"], str(model), "-z", str(tokenizer), "-n", str(steps), "-t", "0"])
+def big_decode(model, tokenizer, steps, sampling=("-t", "0"), program="runq"):
+    """(tok/s, peak RSS bytes) of `python -m runq` (or program) decoding steps tokens (greedily
+    by default)."""
+    stderr, peak = run_with_peak_rss([*COMMANDS[program], str(model), "-z", str(tokenizer), "-n", str(steps),
+                                      *sampling])
     return float(re.search(r"achieved tok/s: ([0-9.]+)", stderr).group(1)), peak
 
 
 def big_shapes(names, repeats, steps, packed=False):
-    """The rows of the big shapes: runq only (see the docstring)."""
+    """The big shapes' rows for runq (see the docstring)."""
     print(f"\nBig shapes (runq on random Q8_0 files{', packed' if packed else ''}; numpy's "
           f"yardsticks on two layers in fp32):")
     print("| shape | file | load s | peak RSS in load | RSS after load | packed | decode tok/s | GB/s | "
-          "numpy sgemv GB/s | ratio | decode peak RSS | 128-token prompt tok/s | GFLOP/s | "
-          "numpy sgemm GFLOP/s | ratio |")
-    print("| --- " * 15 + "|")
+          "numpy sgemv GB/s | ratio | decode peak RSS | top-p 0.9 tok/s | x greedy | 128-token prompt tok/s | "
+          "GFLOP/s | numpy sgemm GFLOP/s | ratio |")
+    print("| --- " * 17 + "|")
     for name in names:
         q80, tok = big_shape(name, packed)
         file_bytes = os.path.getsize(q80)
-        nbytes = q80_file_decode_bytes(q80)
+        nbytes = file_decode_bytes(q80)
         c = SHAPES[name]
         # the layers' matrices (the classifier runs for the prompt's last token only)
         flops_per_token = 2 * sum(count * rows * cols for _, count, rows, cols in quantized_tensors(c, True)[1:])
@@ -331,21 +377,48 @@ def big_shapes(names, repeats, steps, packed=False):
             load = load_probe(q80)
             gbps = numpy_yardstick("sgemv", name, 8)
             decode = big_decode(q80, tok, steps)
+            sampled = big_decode(q80, tok, steps, ("-t", "1", "-p", "0.9", "-s", "1"))
             gflops = numpy_yardstick("sgemm", name, PROMPT_TOKENS)
             prefill = prefill_tok_s(COMMANDS["runq"], q80, tok)
-            taken.append((load, gbps, decode, gflops, prefill))
+            taken.append((load, gbps, decode, gflops, prefill, sampled))
         med = statistics.median
         load_s, load_peak, load_after = (med(t[0][i] for t in taken) for i in range(3))
-        packed = all(t[0][3] for t in taken)
+        was_packed = all(t[0][3] for t in taken)
         gbps, gflops = med(t[1] for t in taken), med(t[3] for t in taken)
         tok_s, decode_peak = med(t[2][0] for t in taken), med(t[2][1] for t in taken)
         ratio = med(t[2][0] * nbytes / 1e9 / t[1] for t in taken)
         prefill = med(t[4] for t in taken)
+        sampled, sampled_ratio = med(t[5][0] for t in taken), med(t[5][0] / t[2][0] for t in taken)
         flop_ratio = med(t[4] * flops_per_token / 1e9 / t[3] for t in taken)
         print(f"| {name} | {file_bytes / 1e9:.2f} GB | {load_s:.2f} | {load_peak / 1e9:.2f} GB | "
-              f"{load_after / 1e9:.2f} GB | {packed} | {tok_s:.2f} | {tok_s * nbytes / 1e9:.1f} | "
-              f"{gbps:.1f} | {ratio:.2f} | {decode_peak / 1e9:.2f} GB | {prefill:.1f} | "
+              f"{load_after / 1e9:.2f} GB | {was_packed} | {tok_s:.2f} | {tok_s * nbytes / 1e9:.1f} | "
+              f"{gbps:.1f} | {ratio:.2f} | {decode_peak / 1e9:.2f} GB | {sampled:.2f} | {sampled_ratio:.2f} | "
+              f"{prefill:.1f} | "
               f"{prefill * flops_per_token / 1e9:.0f} | {gflops:.0f} | {flop_ratio:.2f} |", flush=True)
+
+
+def big_fp32_shapes(names, repeats, steps):
+    """run (fp32) at the big shapes whose fp32 file is written too (FP32_BIG): decode against the
+    same yardstick as runq's rows, with the same weights (the Q8_0 file's, dequantized)."""
+    print("\nBig shapes in fp32 (run on the same random weights, dequantized; numpy's yardstick as above):")
+    print("| shape | file | decode tok/s | GB/s | numpy sgemv GB/s | ratio | decode peak RSS | top-p 0.9 tok/s | "
+          "x greedy |")
+    print("| --- " * 9 + "|")
+    med = statistics.median
+    for name in names:
+        model, tok = big_shape(name, fp32=True)
+        nbytes = file_decode_bytes(model)
+        taken = []
+        for _ in range(repeats):
+            gbps = numpy_yardstick("sgemv", name, 8)
+            decode = big_decode(model, tok, steps, program="run")
+            sampled = big_decode(model, tok, steps, ("-t", "1", "-p", "0.9", "-s", "1"), program="run")
+            taken.append((gbps, decode, sampled))
+        gbps, tok_s, peak = med(t[0] for t in taken), med(t[1][0] for t in taken), med(t[1][1] for t in taken)
+        ratio = med(t[1][0] * nbytes / 1e9 / t[0] for t in taken)
+        sampled, sampled_ratio = med(t[2][0] for t in taken), med(t[2][0] / t[1][0] for t in taken)
+        print(f"| {name} | {os.path.getsize(model) / 1e9:.2f} GB | {tok_s:.2f} | {tok_s * nbytes / 1e9:.1f} | "
+              f"{gbps:.1f} | {ratio:.2f} | {peak / 1e9:.2f} GB | {sampled:.2f} | {sampled_ratio:.2f} |", flush=True)
 
 
 def gpu_peak_gbps():
@@ -379,13 +452,11 @@ def main():
             print(numpy_sgemm_gflops(matrices, int(count)))
         return
     if sys.argv[1:2] == ["--load-probe"]:  # load_probe()'s process
-        import resource
         import runq
         start = time.perf_counter()
         transformer = runq.Transformer(sys.argv[2])
         seconds = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(seconds, peak, rss_bytes(), transformer.packed)
+        print(seconds, rss_bytes("VmHWM"), rss_bytes(), transformer.packed)
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["15M", "110M"], choices=sorted(SHAPES))
@@ -405,6 +476,9 @@ def main():
         print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cpus; "
               f"medians of {args.repeats or 3} rounds, {args.steps or 32} decode steps")
         big_shapes(big, args.repeats or 3, args.steps or 32, args.packed)
+        fp32_big = [name for name in big if name in FP32_BIG]
+        if fp32_big and "run" in args.programs:
+            big_fp32_shapes(fp32_big, args.repeats or 3, args.steps or 32)
         if not args.shapes:
             return 0
     args.repeats = args.repeats or 5
