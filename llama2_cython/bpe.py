@@ -1170,6 +1170,14 @@ def _read_configs(folder, config):
     return {name: _Fields(p, _read_json(p), name) for name, p in paths.items()}
 
 
+def tokenizer_in(folder):
+    """The tokenizer file of a model folder: its tokenizer.json, else its tokenizer.model."""
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise LlamaError(f"{folder}: the folder holds neither tokenizer.json nor tokenizer.model")
+
+
 def load(path, config=None):
     """Load a tokenizer.json (byte-level or sentencepiece-style), a tiktoken tokenizer.model, or
     a folder holding either (its tokenizer.json preferred). config: a tokenizer_config.json (or
@@ -1178,12 +1186,7 @@ def load(path, config=None):
     path = os.fspath(path)
     if os.path.isdir(path):
         folder = path
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if os.path.isfile(os.path.join(path, name)):
-                path = os.path.join(path, name)
-                break
-        else:
-            raise LlamaError(f"{path}: holds neither tokenizer.json nor tokenizer.model")
+        path = tokenizer_in(folder)
     elif os.path.exists(path):
         folder = os.path.dirname(path) or "."
     else:

@@ -55,12 +55,7 @@ def open_tokenizer(path, vocab_size, run_c_tokenizer):
         mode = 0  # run.c's reader says what is wrong, as before
     name = os.fsdecode(path)
     if stat.S_ISDIR(mode):
-        for file in ("tokenizer.json", "tokenizer.model"):
-            if os.path.isfile(os.path.join(name, file)):
-                name = os.path.join(name, file)
-                break
-        else:
-            raise LlamaError(f"{name}: the folder holds neither tokenizer.json nor tokenizer.model")
+        name = bpe.tokenizer_in(name)
     elif not stat.S_ISREG(mode):
         # missing, or a FIFO or device: read once, by run.c's reader, as before
         return run_c_tokenizer(path, vocab_size)

@@ -13,7 +13,7 @@ import transformers
 
 from llama2_cython import formats
 from tests.helpers import BUILDS, SHARED, in_build
-from tests.test_model_params import convert, scaled_error
+from tests.test_model_params import convert, random_weights, scaled_error
 
 CONFIGS = SHARED / "hf_tokenizers"
 
@@ -65,14 +65,7 @@ def family(request, tmp_path_factory):
         full = source
     folder = tmp_path_factory.mktemp("family")
     config = transformers.LlamaConfig(**small_config(full))
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # weights large enough for attention and RoPE to matter (see test_model_params)
-        for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight"):
-                parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
-            elif parameter.dim() == 2:
-                parameter.copy_(torch.randn_like(parameter) / parameter.shape[-1] ** 0.5)
+    model = random_weights(config)  # large enough for attention and RoPE to matter
     model.save_pretrained(folder)
     tokens = tokens_for(config.vocab_size)
     with torch.no_grad():

@@ -33,13 +33,9 @@ KINDS = {  # name: (config.json's extra keys, whether lm_head is tied to the emb
 }
 
 
-def random_llama(folder, extra, tied, seed=0):
-    """A LlamaForCausalLM with weights large enough that attention tells positions apart (with
-    the default init's 0.02 every position looks alike, and RoPE is invisible), saved in folder.
-    Its logits for TOKENS."""
+def random_weights(config, seed=0):
+    """LlamaForCausalLM(config) with norms near 1 and matrices of about unit gain (1/sqrt(fan_in))."""
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**SIZES, **extra, tie_word_embeddings=tied,
-                                      bos_token_id=1, eos_token_id=2)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -47,6 +43,16 @@ def random_llama(folder, extra, tied, seed=0):
                 parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
             elif parameter.dim() == 2:
                 parameter.copy_(torch.randn_like(parameter) / parameter.shape[-1] ** 0.5)
+    return model
+
+
+def random_llama(folder, extra, tied, seed=0):
+    """A LlamaForCausalLM with weights large enough that attention tells positions apart (with
+    the default init's 0.02 every position looks alike, and RoPE is invisible), saved in folder.
+    Its logits for TOKENS."""
+    config = transformers.LlamaConfig(**SIZES, **extra, tie_word_embeddings=tied,
+                                      bos_token_id=1, eos_token_id=2)
+    model = random_weights(config, seed)
     model.save_pretrained(folder)
     with torch.no_grad():
         logits = model(torch.tensor([TOKENS])).logits[0].numpy()
