@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from llama2_cython import LlamaError, bpe
 from tests.helpers import SHARED, TESTDATA
-from tests.test_bpe import CORPUS, RANDOM_SETTINGS, shared
+from tests.test_bpe import CORPUS, RANDOM_SETTINGS, assert_round_trip, shared
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers,  # noqa: E402
@@ -138,9 +138,7 @@ def test_tok512_matches_tokenizers(tok512):
 @given(text=SPM_RANDOM)
 def test_tok512_random_strings(tok512, text):
     ours, reference, _ = tok512
-    ids = reference.encode(text).ids
-    assert ours.encode(text) == ids
-    assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=False)
+    assert_round_trip(ours, reference, text)
 
 
 def test_tok512_decode_random_ids(tok512):
@@ -235,9 +233,7 @@ def test_llama2_matches_tokenizers(llama2):
 @given(text=SPM_RANDOM)
 def test_llama2_random_strings(llama2, text):
     ours, reference, _ = llama2
-    ids = reference.encode(text).ids
-    assert ours.encode(text) == ids
-    assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=False)
+    assert_round_trip(ours, reference, text)
 
 
 def test_run_c_ids_for_llama2(tmp_path):
