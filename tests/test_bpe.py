@@ -345,7 +345,12 @@ BAD_DOCS = [
 @pytest.mark.parametrize("keys,value,message", BAD_DOCS, ids=[f"{'.'.join(map(str, k))}={v!r}"[:60]
                                                                for k, v, _ in BAD_DOCS])
 def test_bad_tokenizer_json_is_one_line(tmp_path, keys, value, message):
-    doc = good_doc()
+    assert_refused_in_one_line(good_doc(), keys, value, message, tmp_path)
+
+
+def assert_refused_in_one_line(doc, keys, value, message, tmp_path):
+    """doc with the value at keys, written as a tokenizer.json: bpe.load refuses it in one line
+    naming the file and saying message."""
     set_path(doc, keys, value)
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(doc))

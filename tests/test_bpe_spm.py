@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from llama2_cython import LlamaError, bpe
 from tests.helpers import SHARED, TESTDATA
-from tests.test_bpe import CORPUS, RANDOM_SETTINGS, assert_round_trip, shared
+from tests.test_bpe import (CORPUS, RANDOM_SETTINGS, assert_refused_in_one_line,
+                             assert_round_trip, shared)
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import (AddedToken, Tokenizer, decoders, models, normalizers,  # noqa: E402
@@ -380,14 +381,7 @@ BAD_SPM_DOCS = [
 @pytest.mark.parametrize("keys,value,message", BAD_SPM_DOCS,
                          ids=[f"{'.'.join(map(str, k))}={v!r}"[:60] for k, v, _ in BAD_SPM_DOCS])
 def test_bad_spm_json_is_one_line(tmp_path, keys, value, message):
-    doc = spm_doc()
-    set_path(doc, keys, value)
-    path = tmp_path / "tokenizer.json"
-    path.write_text(json.dumps(doc))
-    with pytest.raises(LlamaError, match=message) as info:
-        bpe.load(path)
-    text = str(info.value)
-    assert text.startswith(str(path) + ": ") and "\n" not in text
+    assert_refused_in_one_line(spm_doc(), keys, value, message, tmp_path)
 
 
 def test_missing_byte_token_and_clashing_added_tokens_are_refused(tmp_path):
