@@ -148,11 +148,11 @@ def _special_tokens(config, folder):
         sources.append(_Fields(map_path, _read_json(map_path), "special_tokens_map.json"))
     for fields in sources:
         for key, value in fields.obj.items():
-            if key.endswith("_token") and (isinstance(value, str) or isinstance(value, dict)
-                                           and "content" in value):
+            if key in SPECIAL_TOKEN_NAMES:  # a token, or null: anything else is refused by name
                 tokens[key] = _token_content(fields, key, None)
-            elif key in SPECIAL_TOKEN_NAMES and value is None:
-                tokens.pop(key, None)
+            elif key.endswith("_token") and (isinstance(value, str) or isinstance(value, dict)
+                                             and "content" in value):
+                tokens[key] = _token_content(fields, key, None)
         extra = fields.get("extra_special_tokens", (dict, list, None), None)
         if isinstance(extra, dict):
             named = _Fields(fields.path, extra, "extra_special_tokens")

@@ -317,6 +317,11 @@ def test_bad_messages_and_config(tmp_path):
     folder = hf_folder(tmp_path / "badlist", smollm_config(chat_template=[["default", "x"]]))
     with pytest.raises(LlamaError, match=r"chat_template\[0\] is not an object"):
         chat.ChatTemplate.find(folder)
+    for value, message in ((5, "eos_token is a number"), (["x"], "eos_token is a list"),
+                           ({"x": 1}, 'eos_token has no "content"')):
+        folder = hf_folder(tmp_path / f"eos{len(message)}", smollm_config(eos_token=value))
+        with pytest.raises(LlamaError, match=message):
+            chat.ChatTemplate.find(folder)
     with pytest.raises(LlamaError, match="eos_token 'two words' is not one token of .* but 2"):
         chat.TemplateFormat(HFTokenizer(bpe.load(shared("smollm")), 49152),
                             chat.ChatTemplate("x", "t.jinja", {"eos_token": "two words"}))
