@@ -462,7 +462,7 @@ Q8_INLINE void q8_block_simd(float* out, int d, int row0, int rows, const int8_t
         _mm512_mask_storeu_ps(out + row0, lanes, q8_block16_one(wr, sr, xq, xsum, xs, n, gs, next));
         return;
     }
-    for (int t0 = 0; t0 < T; t0 += 16) {  /* MAX_BATCH is 16: more tokens take another pass */
+    for (int t0 = 0; t0 < T; t0 += 16) {  /* 16 tokens at a time: more take another pass */
         int nt = T - t0 < 16 ? T - t0 : 16;
         __m512 val[16];
         q8_block16_many(val, wr, sr, xq + t0 * xstride, xsum + t0 * xstride, xs + t0 * xstride, nt,
