@@ -34,6 +34,7 @@ cdef extern from "f32dot.h" nogil:
 
 include "team.pxi"  # how many threads decode with
 include "rope.pxi"  # the RoPE frequencies (run.c's, or a v3 file's)
+include "attention.pxi"  # forward_batch's weighted sum of values
 
 # ----------------------------------------------------------------------------
 # Transformer model
@@ -622,14 +623,12 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     cdef int head_size = dim // p.n_heads
     cdef Py_ssize_t l, loff, bh
     cdef int b, i, h, t, v, rotn, head_dim, pos, n_out, threads
-    cdef float fcr, fci, v0, v1, score, a
+    cdef float fcr, fci, v0, v1, score
     cdef float* x
     cdef float* vec
     cdef float* q
     cdef float* k
     cdef float* att
-    cdef float* xb
-    cdef float* v_ptr
     cdef RunState* s
 
     # copy the token embeddings into x
@@ -690,13 +689,8 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
                 score = score / sqrtf(head_size)
                 att[t] = score
             softmax(att, pos + 1)
-            xb = bs.xb + b * dim + h * head_size
-            memset(xb, 0, head_size * sizeof(float))
-            for t in range(pos + 1):
-                v_ptr = s.value_cache + loff + t * kv_dim + (h // kv_mul) * head_size
-                a = att[t]
-                for i in range(head_size):
-                    xb[i] = xb[i] + a * v_ptr[i]
+            weighted_values(bs.xb + b * dim + h * head_size, att,
+                            s.value_cache + loff + (h // kv_mul) * head_size, kv_dim, pos + 1, head_size)
 
         # final matmul to get the output of the attention, and the residual connection
         matmul_batch(bs.xb2, bs.xb, w.wo + l * dim * dim, dim, dim, B)
