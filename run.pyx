@@ -672,9 +672,10 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             memcpy(s.key_cache + loff + pos * kv_dim, bs.k + b * kv_dim, kv_dim * sizeof(float))
             memcpy(s.value_cache + loff + pos * kv_dim, bs.v + b * kv_dim, kv_dim * sizeof(float))
 
-        # multihead attention as in forward(), over all heads of all tokens
+        # multihead attention as in forward(), over all heads of all tokens, dealt out one at a time
+        # (in a prompt a later token attends to more positions: in halves, one thread got 3/4)
         threads = min(bs.att_rows, team_max_threads())  # (team.pxi may have chosen fewer)
-        for bh in prange(B * p.n_heads, schedule="static", num_threads=threads):
+        for bh in prange(B * p.n_heads, schedule="static", chunksize=1, num_threads=threads):
             b = bh // p.n_heads
             h = bh % p.n_heads
             s = batch[b].s
