@@ -32,7 +32,7 @@ cdef void forward_prompt(Transformer transformer, const int* tokens, int n, int 
                          bint all_logits) noexcept nogil:
     # tokens[0..n) at positions pos.. on the transformer's own run state, MAX_BATCH at a time.
     # The last token's logits go to its state (s.logits), as n calls of forward() leave them; with
-    # all_logits (n <= MAX_BATCH), every token's logits stay in the batch state's rows instead
+    # all_logits (n <= MAX_LOGITS), every token's logits stay in the batch state's rows instead
     cdef BatchEntry batch[MAX_BATCH]
     cdef int start = 0, B, b
     while start < n:
@@ -60,9 +60,9 @@ cdef int prefill(transformer, list tokens, int n) except -1:
     return n
 
 cdef int prompt_chunk(Transformer transformer, list tokens, int start, int n, int pos) except -1:
-    # tokens[start..start+n) at positions pos.., at most MAX_BATCH of them, through forward_batch,
+    # tokens[start..start+n) at positions pos.., at most MAX_LOGITS of them, through forward_batch,
     # their logits left in the batch state (batch_logits); returns how many went
-    n = min(n, MAX_BATCH)
+    n = min(n, MAX_LOGITS)
     cdef int[::1] ids = array.array("i", tokens[start:start + n])
     with nogil:
         forward_prompt(transformer, &ids[0], n, pos, True)

@@ -15,7 +15,7 @@ def generate_batch(Transformer transformer, tokenizer, list samplers, list promp
     cdef list states = [transformer.with_new_state() for _ in range(n)]  # a KV cache each
     cdef list prompt_tokens = [prompt_tokens_of(tokenizer, p) for p in prompts]
     cdef list pos = [0] * n, token = [t[0] for t in prompt_tokens], live = []
-    cdef BatchEntry batch[MAX_BATCH]
+    cdef BatchEntry batch[MAX_LOGITS]
     cdef Transformer state
     cdef BatchState* bs
     cdef bytes piece
@@ -42,9 +42,10 @@ def generate_batch(Transformer transformer, tokenizer, list samplers, list promp
         return
     bs = &(<Transformer>states[0]).batch  # this generation's own activations
     while live:
-        # one pass: each live sequence's token at its position, MAX_BATCH sequences at a time
-        for start in range(0, len(live), MAX_BATCH):
-            group = live[start:start + MAX_BATCH]
+        # one pass: each live sequence's token at its position, MAX_LOGITS sequences at a time
+        # (each pass keeps every one's logits)
+        for start in range(0, len(live), MAX_LOGITS):
+            group = live[start:start + MAX_LOGITS]
             B = len(group)
             for b in range(B):
                 state = states[group[b]]

@@ -418,7 +418,7 @@ Q8_INLINE void q8_block16_many(__m512* val, const int8_t* const* wr, const float
                                const int8_t* xq, const int32_t* xsum, const float* xs, int T,
                                int64_t xstride, int n, int gs, const int8_t* next) {
     int groups = n / gs;
-    for (int t = 0; t < T; t++)
+    for (int t = 0; t < 16; t++)  /* all 16: for T tokens gcc called memset, 4% of a prefill */
         val[t] = _mm512_setzero_ps();
     for (int g0 = 0; g0 < groups; g0 += 16) {
         int count = groups - g0 < 16 ? groups - g0 : 16;
@@ -462,7 +462,7 @@ Q8_INLINE void q8_block_simd(float* out, int d, int row0, int rows, const int8_t
         _mm512_mask_storeu_ps(out + row0, lanes, q8_block16_one(wr, sr, xq, xsum, xs, n, gs, next));
         return;
     }
-    for (int t0 = 0; t0 < T; t0 += 16) {  /* MAX_BATCH is 16: more tokens take another pass */
+    for (int t0 = 0; t0 < T; t0 += 16) {  /* 16 tokens at a time: more take another pass */
         int nt = T - t0 < 16 ? T - t0 : 16;
         __m512 val[16];
         q8_block16_many(val, wr, sr, xq + t0 * xstride, xsum + t0 * xstride, xs + t0 * xstride, nt,
@@ -523,7 +523,7 @@ Q8_INLINE void q8_block_packed(float* out, int d, int row0, int rows, const int8
         const int32_t* xsm = xsum + t0 * xstride;
         const float* xsc = xs + t0 * xstride;
         __m512 val[16];
-        for (int t = 0; t < nt; t++)
+        for (int t = 0; t < 16; t++)  /* as in q8_block16_many */
             val[t] = _mm512_setzero_ps();
         for (int g = 0; g < groups; g += 64 / gs) {
             int j = g * gs;

@@ -10,6 +10,16 @@ cdef inline float rope_frequency(const float* table, int head_dim, int head_size
     return table[head_dim // 2]
 
 
+cdef void rope_row(float* row, const float* table, int pos, int head_size) noexcept nogil:
+    # forward()'s cos and sin of each pair of a head at pos, into row[head_dim], row[head_dim + 1]
+    cdef int head_dim
+    cdef float val
+    for head_dim in range(0, head_size, 2):
+        val = pos * rope_frequency(table, head_dim, head_size)
+        row[head_dim] = cosf(val)
+        row[head_dim + 1] = sinf(val)
+
+
 cdef object rope_table(header, const float** table):
     # the header's frequency table as an array that must stay alive while *table points into it;
     # None (and *table NULL) for run.c's RoPE

@@ -4,7 +4,7 @@
 # or computes garbage on bad input, this file refuses with a clear message instead (comments say where).
 
 cimport cython
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from cpython.exc cimport PyErr_CheckSignals
 from libc.math cimport cosf, expf, powf, sinf, sqrtf
 from libc.stdint cimport uint32_t
@@ -34,6 +34,7 @@ cdef extern from "f32dot.h" nogil:
 
 include "team.pxi"  # how many threads decode with
 include "rope.pxi"  # the RoPE frequencies (run.c's, or a v3 file's)
+include "attention.pxi"  # forward_batch's weighted sum of values
 
 # ----------------------------------------------------------------------------
 # Transformer model
@@ -85,7 +86,8 @@ cdef struct RunState:
 
 
 # forward_batch's buffers (not in run.c: see forward_batch)
-DEF MAX_BATCH = 32  # tokens that go through a layer together
+DEF MAX_BATCH = 128  # tokens that go through a layer together: a prompt of 128 reads the weights once
+DEF MAX_LOGITS = 32  # rows of logits a pass keeps (a chat turn's prompt tokens, generate_batch's sequences)
 DEF F32_BLOCK_ROWS = 16  # weight rows per unit of work across threads (a multiple of f32dot.h's tile)
 
 cdef struct BatchEntry:
@@ -104,8 +106,10 @@ cdef struct BatchState:
     float* q  # (MAX_BATCH, dim)
     float* k  # (MAX_BATCH, kv_dim)
     float* v  # (MAX_BATCH, kv_dim)
-    float* att  # (MAX_BATCH, n_heads, seq_len)
-    float* logits  # (MAX_BATCH, vocab_size)
+    float* att  # (att_rows, seq_len): a row for each thread's (token, head) of the moment
+    int att_rows  # the threads attention may run on
+    float* rope  # (MAX_BATCH, head_size): each token's RoPE cos and sin, pair by pair
+    float* logits  # (MAX_LOGITS, vocab_size)
     Team team  # how many threads its passes run on (team.pxi)
 
 @cython.no_gc_clear  # __dealloc__ needs weights_owner: the GC must not clear it first
@@ -555,10 +559,12 @@ cdef void malloc_batch_state(BatchState* b, Config* p) except *:
     b.q = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
     b.k = <float*>calloc(MAX_BATCH * kv_dim, sizeof(float))
     b.v = <float*>calloc(MAX_BATCH * kv_dim, sizeof(float))
-    b.att = <float*>calloc(<size_t>MAX_BATCH * p.n_heads * p.seq_len, sizeof(float))
-    b.logits = <float*>calloc(<size_t>MAX_BATCH * p.vocab_size, sizeof(float))
+    b.rope = <float*>calloc(MAX_BATCH * (p.dim // p.n_heads), sizeof(float))
+    b.att_rows = max(team_max_threads(), 1)
+    b.att = <float*>calloc(<size_t>b.att_rows * p.seq_len, sizeof(float))
+    b.logits = <float*>calloc(<size_t>MAX_LOGITS * p.vocab_size, sizeof(float))
     if (not b.x or not b.xb or not b.xb2 or not b.hb or not b.hb2 or not b.q or not b.k or not b.v
-            or not b.att or not b.logits):
+            or not b.att or not b.rope or not b.logits):
         free_batch_state(b)
         raise MemoryError("malloc failed for the batch state")
 
@@ -572,6 +578,7 @@ cdef void free_batch_state(BatchState* b) noexcept:
     free(b.k)
     free(b.v)
     free(b.att)
+    free(b.rope)
     free(b.logits)
     memset(b, 0, sizeof(BatchState))
 
@@ -605,7 +612,8 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     # forward() for B entries at once (B <= MAX_BATCH): each entry's token at its position, on its
     # run state's KV cache. Entries of one sequence come in position order, so that the keys and
     # values a token attends to are in its cache by the time attention runs (causal). The logits
-    # of the entries that want them are left in bs.logits, one row each, in entry order.
+    # of the entries that want them (at most MAX_LOGITS) are left in bs.logits, one row each, in
+    # entry order.
     cdef Config* p = &transformer.c_config
     cdef TransformerWeights* w = &transformer.c_weights
     cdef int dim = p.dim
@@ -614,21 +622,24 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     cdef int hidden_dim = p.hidden_dim
     cdef int head_size = dim // p.n_heads
     cdef Py_ssize_t l, loff, bh
-    cdef int b, i, h, t, v, rotn, head_dim, pos, n_out
-    cdef float freq, val, fcr, fci, v0, v1, score, a
+    cdef int b, i, h, t, v, rotn, head_dim, pos, n_out, threads
+    cdef float fcr, fci, v0, v1, score
     cdef float* x
     cdef float* vec
     cdef float* q
     cdef float* k
     cdef float* att
-    cdef float* xb
-    cdef float* v_ptr
     cdef RunState* s
 
     # copy the token embeddings into x
     for b in range(B):
         memcpy(bs.x + b * dim, w.token_embedding_table + <Py_ssize_t>batch[b].token * dim,
                dim * sizeof(float))
+
+    # RoPE's cos and sin at each token's position, for every layer and head: forward()'s values
+    # (the same cosf and sinf of the same val), computed once instead of in each layer and head
+    for b in range(B):
+        rope_row(bs.rope + b * head_size, transformer.rope_freqs, batch[b].pos, head_size)
 
     # forward all the layers
     for l in range(p.n_layers):
@@ -648,10 +659,8 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             pos = batch[b].pos
             for i in range(0, dim, 2):
                 head_dim = i % head_size
-                freq = rope_frequency(transformer.rope_freqs, head_dim, head_size)
-                val = pos * freq
-                fcr = cosf(val)
-                fci = sinf(val)
+                fcr = bs.rope[b * head_size + head_dim]
+                fci = bs.rope[b * head_size + head_dim + 1]
                 rotn = 2 if i < kv_dim else 1  # how many vectors? 2 = q & k, 1 = q only
                 for v in range(rotn):
                     vec = bs.q + b * dim if v == 0 else bs.k + b * kv_dim
@@ -663,14 +672,16 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             memcpy(s.key_cache + loff + pos * kv_dim, bs.k + b * kv_dim, kv_dim * sizeof(float))
             memcpy(s.value_cache + loff + pos * kv_dim, bs.v + b * kv_dim, kv_dim * sizeof(float))
 
-        # multihead attention as in forward(), over all heads of all tokens
-        for bh in prange(B * p.n_heads, schedule="static"):
+        # multihead attention as in forward(), over all heads of all tokens, dealt out one at a time
+        # (in a prompt a later token attends to more positions: in halves, one thread got 3/4)
+        threads = min(bs.att_rows, team_max_threads())  # (team.pxi may have chosen fewer)
+        for bh in prange(B * p.n_heads, schedule="static", chunksize=1, num_threads=threads):
             b = bh // p.n_heads
             h = bh % p.n_heads
             s = batch[b].s
             pos = batch[b].pos
             q = bs.q + b * dim + h * head_size
-            att = bs.att + bh * p.seq_len
+            att = bs.att + threadid() * p.seq_len
             for t in range(pos + 1):
                 k = s.key_cache + loff + t * kv_dim + (h // kv_mul) * head_size
                 score = 0.0
@@ -679,13 +690,8 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
                 score = score / sqrtf(head_size)
                 att[t] = score
             softmax(att, pos + 1)
-            xb = bs.xb + b * dim + h * head_size
-            memset(xb, 0, head_size * sizeof(float))
-            for t in range(pos + 1):
-                v_ptr = s.value_cache + loff + t * kv_dim + (h // kv_mul) * head_size
-                a = att[t]
-                for i in range(head_size):
-                    xb[i] = xb[i] + a * v_ptr[i]
+            weighted_values(bs.xb + b * dim + h * head_size, att,
+                            s.value_cache + loff + (h // kv_mul) * head_size, kv_dim, pos + 1, head_size)
 
         # final matmul to get the output of the attention, and the residual connection
         matmul_batch(bs.xb2, bs.xb, w.wo + l * dim * dim, dim, dim, B)
@@ -1488,7 +1494,7 @@ def chat(transformer, Tokenizer tokenizer, Sampler sampler, cli_user_prompt, cli
                 user_turn = 1
 
             # forward the transformer to get logits for the next token. Not in run.c: a turn's
-            # prompt tokens go through forward_batch together, MAX_BATCH at a time, each one's
+            # prompt tokens go through forward_batch together, MAX_LOGITS at a time, each one's
             # logits kept for its turn in the loop (the sampler draws for every one, as in run.c)
             if from_prompt and isinstance(transformer, Transformer):
                 if user_idx == 1 or user_idx > chunk_end:

@@ -7,7 +7,7 @@
 # its C twin.
 
 cimport cython
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from cpython.exc cimport PyErr_CheckSignals
 from libc.math cimport cosf, expf, fabsf, powf, roundf, sinf, sqrtf
 from libc.stdint cimport int8_t, int32_t, int64_t, uint32_t
@@ -67,6 +67,7 @@ INT8_KERNEL = (<bytes>Q8_KERNEL).decode("ascii")
 
 include "team.pxi"  # how many threads decode with
 include "rope.pxi"  # the RoPE frequencies (run.c's, or a v3 file's)
+include "attention.pxi"  # forward_batch's weighted sum of values
 
 # ----------------------------------------------------------------------------
 # Transformer model
@@ -129,7 +130,8 @@ cdef struct RunState:
 
 
 # forward_batch's buffers (not in runq.c: see forward_batch)
-DEF MAX_BATCH = 32  # tokens that go through a layer together
+DEF MAX_BATCH = 128  # tokens that go through a layer together: a prompt of 128 reads the weights once
+DEF MAX_LOGITS = 32  # rows of logits a pass keeps (a chat turn's prompt tokens, generate_batch's sequences)
 
 cdef struct BatchEntry:
     RunState* s  # the sequence's run state: its KV cache
@@ -147,8 +149,10 @@ cdef struct BatchState:
     float* q  # (MAX_BATCH, dim)
     float* k  # (MAX_BATCH, kv_dim)
     float* v  # (MAX_BATCH, kv_dim)
-    float* att  # (MAX_BATCH, n_heads, seq_len)
-    float* logits  # (MAX_BATCH, vocab_size)
+    float* att  # (att_rows, seq_len): a row for each thread's (token, head) of the moment
+    int att_rows  # the threads attention may run on
+    float* rope  # (MAX_BATCH, head_size): each token's RoPE cos and sin, pair by pair
+    float* logits  # (MAX_LOGITS, vocab_size)
     Team team  # how many threads its passes run on (team.pxi)
     # the quantized matmul inputs, a row of q8_token_stride(max(dim, hidden_dim)) per token (xq and
     # hq of forward())
@@ -1118,14 +1122,16 @@ cdef void malloc_batch_state(BatchState* b, Config* p) except *:
     b.q = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
     b.k = <float*>calloc(MAX_BATCH * kv_dim, sizeof(float))
     b.v = <float*>calloc(MAX_BATCH * kv_dim, sizeof(float))
-    b.att = <float*>calloc(<size_t>MAX_BATCH * p.n_heads * p.seq_len, sizeof(float))
-    b.logits = <float*>calloc(<size_t>MAX_BATCH * p.vocab_size, sizeof(float))
+    b.rope = <float*>calloc(MAX_BATCH * (p.dim // p.n_heads), sizeof(float))
+    b.att_rows = max(team_max_threads(), 1)
+    b.att = <float*>calloc(<size_t>b.att_rows * p.seq_len, sizeof(float))
+    b.logits = <float*>calloc(<size_t>MAX_LOGITS * p.vocab_size, sizeof(float))
     cdef size_t stride = q8_token_stride(widest)
     b.xq_q = <int8_t*>calloc(MAX_BATCH * stride, sizeof(int8_t))
     b.xq_s = <float*>calloc(MAX_BATCH * stride, sizeof(float))
     b.xsum = <int32_t*>calloc(MAX_BATCH * stride, sizeof(int32_t))
     if (not b.x or not b.xb or not b.xb2 or not b.hb or not b.hb2 or not b.q or not b.k or not b.v
-            or not b.att or not b.logits or not b.xq_q or not b.xq_s or not b.xsum):
+            or not b.att or not b.rope or not b.logits or not b.xq_q or not b.xq_s or not b.xsum):
         free_batch_state(b)
         raise MemoryError("malloc failed for the batch state")
 
@@ -1139,6 +1145,7 @@ cdef void free_batch_state(BatchState* b) noexcept:
     free(b.k)
     free(b.v)
     free(b.att)
+    free(b.rope)
     free(b.logits)
     free(b.xq_q)
     free(b.xq_s)
@@ -1164,13 +1171,11 @@ cdef void matmul_batch3(BatchState* bs, const float* x, int n, int GS, int B, in
     cdef Py_ssize_t blocks1 = (d1 + Q8_ROWS - 1) // Q8_ROWS
     cdef Py_ssize_t blocks2 = (d2 + Q8_ROWS - 1) // Q8_ROWS
     cdef Py_ssize_t blocks3 = (d3 + Q8_ROWS - 1) // Q8_ROWS
-    cdef QuantizedTensor xq
-    for b in range(B):
-        xq.q = bs.xq_q + b * stride
-        xq.s = bs.xq_s + b * stride
-        quantize(&xq, x + b * n, n, GS)
-        if n % GS == 0:
-            q8_group_sums(xq.q, bs.xsum + b * stride, n, GS)
+    if B == 1:  # decode: one row is not worth waking the threads for
+        quantize_row(bs, x, n, GS, stride, 0)
+    else:
+        for b in prange(B, schedule="static"):
+            quantize_row(bs, x, n, GS, stride, b)
     if n % GS:
         for i in prange(d1 + d2 + d3, schedule="static"):
             for b in range(B):
@@ -1206,11 +1211,22 @@ cdef void matmul_batch3(BatchState* bs, const float* x, int n, int GS, int B, in
             q8_matmul_block(out3, d3, block - blocks1 - blocks2, bs.xq_q, bs.xsum, bs.xq_s, B,
                             stride, w3.q, w3.s, n, GS)
 
+cdef void quantize_row(BatchState* bs, const float* x, int n, int GS, Py_ssize_t stride,
+                       Py_ssize_t b) noexcept nogil:
+    # row b of x (B,n) quantized as forward() quantizes it, with its group sums, into the batch state
+    cdef QuantizedTensor xq
+    xq.q = bs.xq_q + b * stride
+    xq.s = bs.xq_s + b * stride
+    quantize(&xq, x + b * n, n, GS)
+    if n % GS == 0:
+        q8_group_sums(xq.q, bs.xsum + b * stride, n, GS)
+
 cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* batch, int B) noexcept nogil:
     # forward() for B entries at once (B <= MAX_BATCH): each entry's token at its position, on its
     # run state's KV cache. Entries of one sequence come in position order, so that the keys and
     # values a token attends to are in its cache by the time attention runs (causal). The logits
-    # of the entries that want them are left in bs.logits, one row each, in entry order.
+    # of the entries that want them (at most MAX_LOGITS) are left in bs.logits, one row each, in
+    # entry order.
     cdef Config* p = &transformer.c_config
     cdef TransformerWeights* w = &transformer.c_packed  # c_weights, packed where it can be
     cdef bint packed = transformer.packed
@@ -1222,20 +1238,23 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     cdef int GS = transformer.group_size
     cdef int widest = max(dim, hidden_dim)
     cdef Py_ssize_t l, loff, bh
-    cdef int b, i, h, t, v, rotn, head_dim, pos, n_out
-    cdef float freq, val, fcr, fci, v0, v1, score, a
+    cdef int b, i, h, t, v, rotn, head_dim, pos, n_out, threads
+    cdef float fcr, fci, v0, v1, score
     cdef float* x
     cdef float* vec
     cdef float* q
     cdef float* k
     cdef float* att
-    cdef float* xb
-    cdef float* v_ptr
     cdef RunState* s
 
     # copy the token embeddings into x
     for b in range(B):
         embedding_row(transformer, bs.x + b * dim, batch[b].token)
+
+    # RoPE's cos and sin at each token's position, for every layer and head: forward()'s values
+    # (the same cosf and sinf of the same val), computed once instead of in each layer and head
+    for b in range(B):
+        rope_row(bs.rope + b * head_size, transformer.rope_freqs, batch[b].pos, head_size)
 
     # forward all the layers
     for l in range(p.n_layers):
@@ -1255,10 +1274,8 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             pos = batch[b].pos
             for i in range(0, dim, 2):
                 head_dim = i % head_size
-                freq = rope_frequency(transformer.rope_freqs, head_dim, head_size)
-                val = pos * freq
-                fcr = cosf(val)
-                fci = sinf(val)
+                fcr = bs.rope[b * head_size + head_dim]
+                fci = bs.rope[b * head_size + head_dim + 1]
                 rotn = 2 if i < kv_dim else 1  # how many vectors? 2 = q & k, 1 = q only
                 for v in range(rotn):
                     vec = bs.q + b * dim if v == 0 else bs.k + b * kv_dim
@@ -1270,14 +1287,16 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             memcpy(s.key_cache + loff + pos * kv_dim, bs.k + b * kv_dim, kv_dim * sizeof(float))
             memcpy(s.value_cache + loff + pos * kv_dim, bs.v + b * kv_dim, kv_dim * sizeof(float))
 
-        # multihead attention as in forward(), over all heads of all tokens
-        for bh in prange(B * p.n_heads, schedule="static"):
+        # multihead attention as in forward(), over all heads of all tokens, dealt out one at a time
+        # (in a prompt a later token attends to more positions: in halves, one thread got 3/4)
+        threads = min(bs.att_rows, team_max_threads())  # (team.pxi may have chosen fewer)
+        for bh in prange(B * p.n_heads, schedule="static", chunksize=1, num_threads=threads):
             b = bh // p.n_heads
             h = bh % p.n_heads
             s = batch[b].s
             pos = batch[b].pos
             q = bs.q + b * dim + h * head_size
-            att = bs.att + bh * p.seq_len
+            att = bs.att + threadid() * p.seq_len
             for t in range(pos + 1):
                 k = s.key_cache + loff + t * kv_dim + (h // kv_mul) * head_size
                 score = 0.0
@@ -1286,13 +1305,8 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
                 score = score / sqrtf(head_size)
                 att[t] = score
             softmax(att, pos + 1)
-            xb = bs.xb + b * dim + h * head_size
-            memset(xb, 0, head_size * sizeof(float))
-            for t in range(pos + 1):
-                v_ptr = s.value_cache + loff + t * kv_dim + (h // kv_mul) * head_size
-                a = att[t]
-                for i in range(head_size):
-                    xb[i] = xb[i] + a * v_ptr[i]
+            weighted_values(bs.xb + b * dim + h * head_size, att,
+                            s.value_cache + loff + (h // kv_mul) * head_size, kv_dim, pos + 1, head_size)
 
         # final matmul to get the output of the attention, and the residual connection
         matmul_batch(bs.xb2, bs, bs.xb, w.wo + l, dim, dim, GS, B, widest, packed)
@@ -2107,7 +2121,7 @@ def chat(transformer, Tokenizer tokenizer, Sampler sampler, cli_user_prompt, cli
                 user_turn = 1
 
             # forward the transformer to get logits for the next token. Not in runq.c: a turn's
-            # prompt tokens go through forward_batch together, MAX_BATCH at a time, each one's
+            # prompt tokens go through forward_batch together, MAX_LOGITS at a time, each one's
             # logits kept for its turn in the loop (the sampler draws for every one, as in runq.c)
             if from_prompt and isinstance(transformer, Transformer):
                 if user_idx == 1 or user_idx > chunk_end:

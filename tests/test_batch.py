@@ -3,7 +3,7 @@ itself one token at a time and against C's forward(): a prompt fed together leav
 the KV cache that feeding it one token at a time leaves, bit for bit on both builds. Against C's
 forward() (forward(reference=True)), bit for bit when built with IEEE flags (the exact build);
 under -Ofast, to rounding (f32dot.h says why). Shapes: GQA and MQA, dims that are not multiples of
-16, runq with group sizes that cut rows, prompts shorter and longer than a batch (32 tokens)."""
+16, runq with group sizes that cut rows, prompts shorter and longer than a pass (128 tokens)."""
 import os
 
 import numpy as np
@@ -43,6 +43,28 @@ def test_run_prefill_is_forward_token_by_token(tmp_path, shape, build):
     path = tmp_path / "model.bin"
     export.write_v0(path, config, export.random_model(config, seed=3, shared=shared), shared)
     check(build, "run", path, config["vocab_size"])
+
+
+# a prompt longer than a pass (MAX_BATCH, 128 tokens) goes through in several, the later ones
+# attending to the KV cache the earlier ones wrote
+LONG_SHAPE = dict(dim=64, hidden_dim=160, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, seq_len=300)
+LONG_SIZES = [127, 128, 129, 200, 257]
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("prog", ["run", "runq"])
+def test_prompt_longer_than_a_pass(tmp_path, prog, build):
+    weights = export.random_model(LONG_SHAPE, seed=9, shared=False)
+    path = tmp_path / "model.bin"
+    if prog == "run":
+        export.write_v0(path, LONG_SHAPE, weights, False)
+    else:
+        write_v2(path, LONG_SHAPE, {name: np.asarray(w) for name, w in weights.items()}, 32, False)  # the SIMD kernels
+    tokens = [int(t) for t in np.random.default_rng(13).integers(LONG_SHAPE["vocab_size"], size=260)]
+    rows = in_build(build, "prefill_vs_forward", prog=prog, model=str(path), tokens=tokens, sizes=LONG_SIZES)
+    assert [n for n, *results in rows if not all(results[0::3])] == []  # as the engine token by token
+    if build == "exact":
+        assert [n for n, *results in rows if not all(results[1::3])] == []  # as C's forward()
 
 
 @pytest.fixture(scope="module")

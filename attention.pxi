@@ -1,0 +1,41 @@
+# Included by run.pyx and runq.pyx (no twin in the C): forward_batch's weighted sum of a head's
+# values, forward()'s loop with its running sums kept in registers.
+
+cdef extern from *:
+    """
+    #include <string.h>
+    #if defined(__AVX512F__)
+    #include <immintrin.h>
+    #endif
+    /* xb[i] = the sum over t < n of att[t] * v[t * kv_dim + i] for i < head_size, each element's
+     * terms added in t order from 0 as forward()'s loop adds them (xb[i] = xb[i] + a * v[i] for
+     * t = 0, 1, ...), which gcc compiles to one fused multiply-add per term where the CPU has FMA.
+     * That loop reads and writes xb for every t: in a prompt the stores waited on each other and
+     * took a third of the attention. On AVX-512 the sums of 16 elements stay in a register, each
+     * term the same fused multiply-add; elsewhere it is forward()'s loop. (Written in Cython with
+     * a local array, gcc -Ofast reassociated the sums over t: other bits.) */
+    static void weighted_values(float* xb, const float* att, const float* v, Py_ssize_t kv_dim,
+                                int n, int head_size) {
+    #if defined(__AVX512F__)
+        for (int i0 = 0; i0 < head_size; i0 += 16) {
+            __mmask16 m = head_size - i0 >= 16 ? (__mmask16)0xFFFF
+                                               : (__mmask16)((1u << (head_size - i0)) - 1);
+            __m512 acc = _mm512_setzero_ps();
+            for (int t = 0; t < n; t++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(att[t]),
+                                      _mm512_maskz_loadu_ps(m, v + t * kv_dim + i0), acc);
+            _mm512_mask_storeu_ps(xb + i0, m, acc);
+        }
+    #else
+        memset(xb, 0, head_size * sizeof(float));
+        for (int t = 0; t < n; t++) {
+            const float* row = v + t * kv_dim;
+            float a = att[t];
+            for (int i = 0; i < head_size; i++)
+                xb[i] = xb[i] + a * row[i];
+        }
+    #endif
+    }
+    """
+    void weighted_values(float* xb, const float* att, const float* v, Py_ssize_t kv_dim, int n,
+                         int head_size) noexcept nogil
