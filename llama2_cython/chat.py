@@ -366,6 +366,9 @@ class Llama2Format:
         system = None
         if messages and messages[0].get("role") == "system":
             system, messages = messages[0], messages[1:]
+            if not isinstance(system.get("content", ""), str):
+                raise ValueError("message 0: Llama 2's chat format takes a system message of "
+                                 f"text, got {type(system['content']).__name__}")
         if len(messages) % 2 == 0:
             raise ValueError("Llama 2's chat format needs user and assistant messages in turn, "
                              "ending with a user message (after an optional system message)")
@@ -444,6 +447,9 @@ class Conversation:
         limit = min(len(self.tokens), len(ids) - 1)  # the last token is fed for its logits
         while keep < limit and self.tokens[keep] == ids[keep]:
             keep += 1
+        # what the cache holds from keep on is overwritten now: forgotten first, so that a feed
+        # cut short (Ctrl-C, an error) leaves no stale tokens for the next turn to keep
+        self.tokens = self.tokens[:keep]
         logits = self._feed(ids[keep:], keep)
         self.tokens = list(ids)
         while True:
@@ -480,7 +486,6 @@ def chat_loop(transformer, tokenizer, sampler, cli_user_prompt, cli_system_promp
     when steps run out. read_stdin(guide) -> bytes or None and write(bytes) are the engine's
     (C's stdout, as its own loops print)."""
     chat = Conversation(transformer, TemplateFormat.of(tokenizer), sampler, steps)
-    piece = chat.format.printer()
     messages = []
     system_prompt = cli_system_prompt
     if system_prompt is None:
@@ -497,6 +502,7 @@ def chat_loop(transformer, tokenizer, sampler, cli_user_prompt, cli_system_promp
         user_prompt = None
         write(b"Assistant: ")
         reply = []
+        piece = chat.format.printer()  # each reply printed as its decode (reply_text) spells it
         for token in chat.respond(messages):
             reply.append(token)
             write(piece(token))

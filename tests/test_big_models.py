@@ -159,7 +159,10 @@ def test_70b_width_runs_right_in_runq(tmp_path):
     path = tmp_path / "wide_q80.bin"
     write_random_q80(path, WIDE, seed=3)
     transformer = runq.Transformer(str(path))
-    assert transformer.packed == (runq.INT8_KERNEL == "avx512vnni")
+    # packed on AVX-512 VNNI, unless the machine has no room for the copy (runq then skips it)
+    assert transformer.packed <= (runq.INT8_KERNEL == "avx512vnni")
+    if runq.INT8_KERNEL == "avx512vnni" and 2 * path.stat().st_size < formats.available_memory():
+        assert transformer.packed
     plain = transformer.with_new_state()
     tensors, layers = q80_file_tensors(path, WIDE)
     norms = {k: v for k, v in tensors.items() if k.startswith("rms")}
