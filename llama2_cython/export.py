@@ -579,7 +579,7 @@ def write_model(path, version, source, group_size=64, *, back_off=True, packed=F
             copied = getattr(source, "group_size", 0) == group_size  # a Q8_0 file's, as they are
             in_rows = not packed or key == "token_embedding_table"
             if not in_rows and key == "wq":  # the packed matrices start aligned
-                fh.write(b"\0" * (-fh.tell() % formats.PACKED_ALIGN))
+                fh.write(b"\0" * formats.packed_padding(cfg, group_size))
             error = 0.0
             for layer in (range(cfg["n_layers"]) if key in LAYERED else (None,)):
                 if in_rows and not copied:

@@ -358,11 +358,21 @@ def packed_size(rows, cols, group_size):
 def packed_start(header):
     """The file offset of a layout-1 file's first packed matrix (after the norms, the embedding
     table in rows and the padding to PACKED_ALIGN)."""
-    c = header.config
-    norms = 4 * (2 * c["n_layers"] * c["dim"] + c["dim"])
-    embedding = c["vocab_size"] * c["dim"]
-    end = header.size + norms + embedding + 4 * (embedding // header.group_size)
-    return -(-end // PACKED_ALIGN) * PACKED_ALIGN
+    end = _rows_end(header.config, header.group_size)
+    return end + packed_padding(header.config, header.group_size)
+
+
+def packed_padding(config, group_size):
+    """The zero bytes a layout-1 file has between its embedding table and its first packed
+    matrix (a writer counts them: a pipe has no file position to align)."""
+    return -_rows_end(config, group_size) % PACKED_ALIGN
+
+
+def _rows_end(config, group_size):
+    # where a layout-1 file's header, norms and embedding table (Q8_0 rows) end
+    norms = 4 * (2 * config["n_layers"] * config["dim"] + config["dim"])
+    embedding = config["vocab_size"] * config["dim"]
+    return HEADER_SIZE + norms + embedding + 4 * (embedding // group_size)
 
 
 def weights_nbytes(header):
