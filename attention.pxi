@@ -1,5 +1,10 @@
-# Included by run.pyx and runq.pyx (no twin in the C): forward_batch's weighted sum of a head's
-# values, forward()'s loop with its running sums kept in registers.
+# Included by run.pyx and runq.pyx (no twin in the C): forward_batch's attention arithmetic. The
+# scores are f32dot.h's products (forward()'s loop in the IEEE build; under -Ofast its fixed order,
+# 16 keys at a time on AVX-512, where gcc had vectorized each key's sum with its own reduction);
+# the weighted sum of a head's values is forward()'s loop with its running sums kept in registers.
+
+cdef extern from "f32dot.h" nogil:
+    void f32_scores(float* att, const float* q, const float* k, size_t stride, int n, int m)
 
 cdef extern from *:
     """

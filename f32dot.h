@@ -45,8 +45,10 @@
 
 #if defined(__GNUC__)
 #define F32_PREFETCH(address) __builtin_prefetch(address)
+#define F32_API static __attribute__((unused))  /* runq uses the scores alone */
 #else
 #define F32_PREFETCH(address) ((void)0)
+#define F32_API static
 #endif
 
 #if F32_FIXED_ORDER
@@ -129,21 +131,13 @@ typedef float f32x4 __attribute__((vector_size(16)));
 #endif
 
 #if defined(__AVX512F__)
-/* F32_SUM16 of the 16 running sums of a full 4 x 4 tile, done on all 16 at once: each level of
- * the sum adds the same pairs of lanes as F32_SUM16 does (so every result is its bits), for two
- * or four sums per instruction, and the shuffles that line the lanes up are shared. One output
- * at a time took 4 shuffles and 4 adds each, a tenth of a prompt's time. The results end up
- * with token t's 4 rows in quarter t of one vector, stored together. */
+/* F32_SUM16 of 16 vectors at once: lane 4q + e of the result is F32_SUM16(v[4e + q]). Each level
+ * adds the same pairs of lanes as F32_SUM16 does (so every result is its bits), for two or four
+ * sums per instruction, and the shuffles that line the lanes up are shared: 30 shuffles and 15
+ * adds instead of 4 and 4 per sum, which had taken a tenth of a prompt's time. */
 #define F32_HALVES(a, b, lo, hi) _mm512_add_ps(_mm512_shuffle_f32x4(a, b, lo), _mm512_shuffle_f32x4(a, b, hi))
 #define F32_PAIRS(a, b, lo, hi) _mm512_add_ps(_mm512_shuffle_ps(a, b, lo), _mm512_shuffle_ps(a, b, hi))
-static inline __attribute__((always_inline)) void f32_store_4x4(
-        float* out, int d, int i0, int b0, f32x16 a00, f32x16 a01, f32x16 a02, f32x16 a03,
-        f32x16 a10, f32x16 a11, f32x16 a12, f32x16 a13, f32x16 a20, f32x16 a21, f32x16 a22,
-        f32x16 a23, f32x16 a30, f32x16 a31, f32x16 a32, f32x16 a33) {
-    /* sums in the order row * 4 + token: v[4e + q] lands in lane 4q + e (token q, row e) */
-    __m512 v[16] = {(__m512)a00, (__m512)a01, (__m512)a02, (__m512)a03, (__m512)a10, (__m512)a11,
-                    (__m512)a12, (__m512)a13, (__m512)a20, (__m512)a21, (__m512)a22, (__m512)a23,
-                    (__m512)a30, (__m512)a31, (__m512)a32, (__m512)a33};
+static inline __attribute__((always_inline)) __m512 f32_sum16x16(const __m512* v) {
     __m512 p[8], q[4], r[2];
     int k;
     for (k = 0; k < 8; k++)  /* lanes 0-7 + 8-15 of two sums: [v[2k]'s 8, v[2k+1]'s 8] */
@@ -153,7 +147,21 @@ static inline __attribute__((always_inline)) void f32_store_4x4(
     for (k = 0; k < 2; k++)  /* lanes 0 + 2 and 1 + 3 of each quarter */
         r[k] = F32_PAIRS(q[2 * k], q[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0), _MM_SHUFFLE(3, 2, 3, 2));
     /* (0 + 2) + (1 + 3) */
-    __m512 s = F32_PAIRS(r[0], r[1], _MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1));
+    return F32_PAIRS(r[0], r[1], _MM_SHUFFLE(2, 0, 2, 0), _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+/* a full 4 x 4 tile's sums, given in the order row * 4 + token: token t's 4 rows come out in
+ * quarter t, stored together */
+static inline __attribute__((always_inline)) void f32_store_4x4(
+        float* out, int d, int i0, int b0, f32x16 a00, f32x16 a01, f32x16 a02, f32x16 a03,
+        f32x16 a10, f32x16 a11, f32x16 a12, f32x16 a13, f32x16 a20, f32x16 a21, f32x16 a22,
+        f32x16 a23, f32x16 a30, f32x16 a31, f32x16 a32, f32x16 a33) {
+    const __m512 v[16] = {(__m512)a00, (__m512)a01, (__m512)a02, (__m512)a03, (__m512)a10,
+                          (__m512)a11, (__m512)a12, (__m512)a13, (__m512)a20, (__m512)a21,
+                          (__m512)a22, (__m512)a23, (__m512)a30, (__m512)a31, (__m512)a32,
+                          (__m512)a33};
+    __m512 s = f32_sum16x16(v);
+    int k;
     for (k = 0; k < 4; k++)
         _mm_storeu_ps(out + (size_t)(b0 + k) * d + i0, _mm512_extractf32x4_ps(s, k));
 }
@@ -254,13 +262,45 @@ static inline __attribute__((always_inline)) void f32_tile_rows(
     }
 }
 
-static void f32_matmul_rows(float* out, const float* x, const float* w, int n, int d, int B,
-                            int i0, int i1) {
+F32_API void f32_matmul_rows(float* out, const float* x, const float* w, int n, int d, int B,
+                             int i0, int i1) {
     int i;
     for (i = i0; i + F32_TILE_ROWS <= i1; i += F32_TILE_ROWS)
         f32_tile_rows(out, x, w, n, d, B, i, F32_TILE_ROWS);
     for (; i < i1; i++)  /* the rows left over when i1 - i0 is not a multiple of the tile */
         f32_tile_rows(out, x, w, n, d, B, i, 1);
+}
+
+/* forward_batch's attention scores: att[t] = the dot product of q and the key at k + t * stride,
+ * for t < n, each in the order above (what f32_matmul_rows gives a key as a one-row matrix). On
+ * AVX-512, 16 keys at a time end in one f32_sum16x16 */
+F32_API void f32_scores(float* att, const float* q, const float* k, size_t stride, int n, int m) {
+    int t = 0, j;
+#if defined(__AVX512F__)
+    for (; t + 16 <= n; t += 16) {
+        __m512 v[16];
+        int e;
+        for (e = 0; e < 16; e++) {  /* v[4e + q] is key 4q + e, so that lane t is key t */
+            const float* kr = k + (t + 4 * (e % 4) + e / 4) * stride;
+            f32x16 acc = {0};
+            for (j = 0; j + 16 <= m; j += 16)
+                acc += F32_LOAD16(q + j) * F32_LOAD16(kr + j);
+            if (j < m)
+                acc += F32_LOAD_TAIL(q + j, m - j) * F32_LOAD_TAIL(kr + j, m - j);
+            v[e] = (__m512)acc;
+        }
+        _mm512_storeu_ps(att + t, f32_sum16x16(v));
+    }
+#endif
+    for (; t < n; t++) {
+        const float* kr = k + t * stride;
+        f32x16 acc = {0};
+        for (j = 0; j + 16 <= m; j += 16)
+            acc += F32_LOAD16(q + j) * F32_LOAD16(kr + j);
+        if (j < m)
+            acc += F32_LOAD_TAIL(q + j, m - j) * F32_LOAD_TAIL(kr + j, m - j);
+        att[t] = F32_SUM16(acc);
+    }
 }
 
 #if defined(__clang__)
@@ -283,8 +323,8 @@ static inline void f32_row_times_vecs(float* out, const float* x, const float* w
         out[(size_t)(b + k) * d] = val[k];
 }
 
-static void f32_matmul_rows(float* out, const float* x, const float* w, int n, int d, int B,
-                            int i0, int i1) {
+F32_API void f32_matmul_rows(float* out, const float* x, const float* w, int n, int d, int B,
+                             int i0, int i1) {
     int i, j, b;
     for (i = i0; i < i1; i++) {
         const float* wi = w + (size_t)i * n;
@@ -295,6 +335,19 @@ static void f32_matmul_rows(float* out, const float* x, const float* w, int n, i
             f32_row_times_vecs(out + i, x, wi, n, d, b, F32_TILE_VECS);
         for (; b < B; b++)
             f32_row_times_vecs(out + i, x, wi, n, d, b, 1);
+    }
+}
+
+
+/* forward()'s attention scores: att[t] = q . (k + t * stride), summed in order */
+F32_API void f32_scores(float* att, const float* q, const float* k, size_t stride, int n, int m) {
+    int t, i;
+    for (t = 0; t < n; t++) {
+        const float* kr = k + t * stride;
+        float score = 0.0f;
+        for (i = 0; i < m; i++)
+            score = score + q[i] * kr[i];
+        att[t] = score;
     }
 }
 

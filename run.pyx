@@ -34,7 +34,7 @@ cdef extern from "f32dot.h" nogil:
 
 include "team.pxi"  # how many threads decode with
 include "rope.pxi"  # the RoPE frequencies (run.c's, or a v3 file's)
-include "attention.pxi"  # forward_batch's weighted sum of values
+include "attention.pxi"  # forward_batch's attention scores and weighted sum of values
 
 # ----------------------------------------------------------------------------
 # Transformer model
@@ -622,12 +622,16 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     cdef int hidden_dim = p.hidden_dim
     cdef int head_size = dim // p.n_heads
     cdef Py_ssize_t l, loff, bh
-    cdef int b, i, h, t, v, rotn, head_dim, pos, n_out, threads
-    cdef float fcr, fci, v0, v1, score
+    cdef int b, i, h, t, v, rotn, head_dim, pos, n_out
+    # attention runs on as many threads as team.pxi chose, one scratch row each; each token's own
+    # steps (norms, RoPE, residuals, SwiGLU) too once there are enough tokens to share (a prompt's:
+    # on one thread they took 3% of it while the other waited), not for a decode's few
+    cdef int threads = min(bs.att_rows, team_max_threads())
+    cdef int token_threads = threads if B >= 8 else 1
+    cdef float fcr, fci, v0, v1
     cdef float* x
     cdef float* vec
     cdef float* q
-    cdef float* k
     cdef float* att
     cdef RunState* s
 
@@ -645,7 +649,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     for l in range(p.n_layers):
 
         # attention rmsnorm
-        for b in range(B):
+        for b in prange(B, schedule="static", num_threads=token_threads):
             rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_att_weight + l * dim, dim,
                     transformer.norm_eps)
 
@@ -655,7 +659,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
                       bs.k, w.wk + l * dim * kv_dim, kv_dim, bs.v, w.wv + l * dim * kv_dim, kv_dim)
 
         # RoPE as in forward(), each token at its position; then key and value into its KV cache
-        for b in range(B):
+        for b in prange(B, schedule="static", num_threads=token_threads):
             pos = batch[b].pos
             for i in range(0, dim, 2):
                 head_dim = i % head_size
@@ -674,7 +678,6 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
 
         # multihead attention as in forward(), over all heads of all tokens, dealt out one at a time
         # (in a prompt a later token attends to more positions: in halves, one thread got 3/4)
-        threads = min(bs.att_rows, team_max_threads())  # (team.pxi may have chosen fewer)
         for bh in prange(B * p.n_heads, schedule="static", chunksize=1, num_threads=threads):
             b = bh // p.n_heads
             h = bh % p.n_heads
@@ -682,38 +685,36 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             pos = batch[b].pos
             q = bs.q + b * dim + h * head_size
             att = bs.att + threadid() * p.seq_len
+            # each key's score: forward()'s loop in the IEEE build, f32dot.h's order under -Ofast
+            f32_scores(att, q, s.key_cache + loff + (h // kv_mul) * head_size, kv_dim, pos + 1,
+                       head_size)
             for t in range(pos + 1):
-                k = s.key_cache + loff + t * kv_dim + (h // kv_mul) * head_size
-                score = 0.0
-                for i in range(head_size):
-                    score = score + q[i] * k[i]  # not +=, which prange takes as a reduction
-                score = score / sqrtf(head_size)
-                att[t] = score
+                att[t] = att[t] / sqrtf(head_size)
             softmax(att, pos + 1)
             weighted_values(bs.xb + b * dim + h * head_size, att,
                             s.value_cache + loff + (h // kv_mul) * head_size, kv_dim, pos + 1, head_size)
 
         # final matmul to get the output of the attention, and the residual connection
         matmul_batch(bs.xb2, bs.xb, w.wo + l * dim * dim, dim, dim, B)
-        for b in range(B):
+        for b in prange(B, schedule="static", num_threads=token_threads):
             x = bs.x + b * dim
             for i in range(dim):
                 x[i] += bs.xb2[b * dim + i]
 
         # ffn rmsnorm
-        for b in range(B):
+        for b in prange(B, schedule="static", num_threads=token_threads):
             rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_ffn_weight + l * dim, dim,
                     transformer.norm_eps)
 
         # w1(x) and w3(x), SwiGLU, w2
         matmul_batch3(bs.xb, dim, B, bs.hb, w.w1 + l * dim * hidden_dim, hidden_dim,
                       bs.hb2, w.w3 + l * dim * hidden_dim, hidden_dim, NULL, NULL, 0)
-        for b in range(B):
+        for b in prange(B, schedule="static", num_threads=token_threads):
             swiglu(bs.hb + b * hidden_dim, bs.hb2 + b * hidden_dim, hidden_dim)
         matmul_batch(bs.xb, bs.hb, w.w2 + l * dim * hidden_dim, hidden_dim, dim, B)
 
         # residual connection
-        for b in range(B):
+        for b in prange(B, schedule="static", num_threads=token_threads):
             x = bs.x + b * dim
             for i in range(dim):
                 x[i] += bs.xb[b * dim + i]

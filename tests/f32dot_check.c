@@ -2,9 +2,13 @@
  * tests/test_f32dot.py compiles it with several flag sets and compares the outputs.
  *
  *   f32dot_check n d B seed   ->  out (B, d) from f32_matmul_rows over all rows at once, then
- *                                 out (B, d) again, one vector at a time and one row at a time */
+ *                                 out (B, d) again, one vector at a time and one row at a time,
+ *                                 then (B, d) from f32_scores: each x against w's rows as keys,
+ *                                 then (B, d) from f32_scores on the first half of each row
+ *                                 (stride n) and (B, d) from f32_matmul_rows on those halves */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include "f32dot.h"
 
 static unsigned long long state;
@@ -42,6 +46,24 @@ int main(int argc, char** argv) {
             f32_matmul_rows(one, x + (size_t)b * n, w, n, d, 1, i, i + 1);
         fwrite(one, sizeof(float), d, stdout);
     }
+    for (int b = 0; b < B; b++) {
+        f32_scores(one, x + (size_t)b * n, w, n, d, n);
+        fwrite(one, sizeof(float), d, stdout);
+    }
+    int half = (n + 1) / 2;
+    float* halves = malloc(sizeof(float) * half * d);
+    if (!halves) return 1;
+    for (int i = 0; i < d; i++)
+        memcpy(halves + (size_t)i * half, w + (size_t)i * n, sizeof(float) * half);
+    for (int b = 0; b < B; b++) {
+        f32_scores(one, x + (size_t)b * n, w, n, d, half);
+        fwrite(one, sizeof(float), d, stdout);
+    }
+    for (int b = 0; b < B; b++) {
+        f32_matmul_rows(one, x + (size_t)b * n, halves, half, d, 1, 0, d);
+        fwrite(one, sizeof(float), d, stdout);
+    }
+    free(halves);
     free(w);
     free(x);
     free(out);

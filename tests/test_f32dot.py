@@ -24,7 +24,8 @@ BUILDS = {"ieee": (["-O3"], set()),
           "fast-avx512": (["-Ofast", "-march=skylake-avx512"], {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"})}
 # (n, d, B): columns with and without a tail of fewer than 16, row counts that are and are not
 # multiples of the tiles, batch sizes around the tile's 4 vectors
-SHAPES = [(16, 4, 1), (100, 13, 7), (96, 8, 16), (773, 5, 9), (4, 3, 2), (300, 17, 33)]
+SHAPES = [(16, 4, 1), (100, 13, 7), (96, 8, 16), (773, 5, 9), (4, 3, 2), (300, 17, 33), (128, 37, 2),
+          (64, 48, 1)]
 
 
 def cpu_flags():
@@ -56,8 +57,17 @@ def programs(tmp_path_factory):
 def products(exe, n, d, B, seed=3):
     raw = subprocess.run([str(exe), str(n), str(d), str(B), str(seed)], capture_output=True,
                          check=True).stdout
-    values = np.frombuffer(raw, dtype=np.float32)
-    return values[:d * B].reshape(B, d), values[d * B:].reshape(B, d)
+    values = np.frombuffer(raw, dtype=np.float32).reshape(5, B, d)
+    return values[0], values[1]
+
+
+def scores(exe, n, d, B, seed=3):
+    """f32_scores of each x against w's rows as keys, on whole rows, then on their first halves
+    (stride n), and f32_matmul_rows on those halves as a matrix of their own."""
+    raw = subprocess.run([str(exe), str(n), str(d), str(B), str(seed)], capture_output=True,
+                         check=True).stdout
+    values = np.frombuffer(raw, dtype=np.float32).reshape(5, B, d)
+    return values[2], values[3], values[4]
 
 
 def inputs(n, d, B, seed=3):
@@ -107,3 +117,21 @@ def test_fma_builds_agree_whatever_the_vector_width(programs, n, d, B):
         pytest.skip(f"this CPU runs {fma or 'no FMA build'}: nothing to compare")
     first = products(programs[fma[0]], n, d, B)[0]
     assert np.array_equal(first, products(programs[fma[1]], n, d, B)[0])
+    for mine, theirs in zip(scores(programs[fma[0]], n, d, B), scores(programs[fma[1]], n, d, B)):
+        assert np.array_equal(mine, theirs)
+
+
+@pytest.mark.parametrize("n, d, B", SHAPES)
+def test_attention_scores_are_the_products(programs, n, d, B):
+    # forward_batch's scores (16 keys at a time on AVX-512) are the products of q and each key as
+    # a one-row matrix, bit for bit, whatever the key's stride; in the IEEE build, in run.c's order
+    for name, exe in programs.items():
+        together, _ = products(exe, n, d, B)
+        whole, halves, halves_as_matrix = scores(exe, n, d, B)
+        assert np.array_equal(whole, together), name
+        assert np.array_equal(halves, halves_as_matrix), name
+    w, x = inputs(n, d, B)
+    half = (n + 1) // 2
+    expected = np.stack([np.cumsum(w[:, :half] * x[b, :half], axis=1, dtype=np.float32)[:, -1]
+                         for b in range(B)])
+    assert np.array_equal(scores(programs["ieee"], n, d, B)[1], expected)
