@@ -1,11 +1,11 @@
 /* f32dot.h: the fp32 matrix products of run.pyx's forward_batch, which decodes and takes prompts
  * for the command line and the API (forward() stays run.c's, the reference it is tested against).
  *
- * f32_matmul_rows(out, x, w, n, d, B, i0, i1) computes rows i0 .. i1 - 1 of W (d, n) times each of
- * B vectors x (B, n), into out (B, d); matmul_batch spreads blocks of rows over threads. Every
- * output is the dot product of one weight row and one vector, and each is summed by the same
- * arithmetic whatever B is and wherever it falls in a tile, so a token's logits do not depend on
- * what else is in the batch:
+ * f32_matmul_rows(out, os, x, xs, w, n, d, B, i0, i1) computes rows i0 .. i1 - 1 of W (d, n) times
+ * each of B vectors x (B, n; vector b at x + b * xs), into out (B, d; vector b at out + b * os);
+ * matmul_batch spreads blocks of rows over threads. Every output is the dot product of one weight
+ * row and one vector, and each is summed by the same arithmetic whatever B is and wherever it
+ * falls in a tile, so a token's logits do not depend on what else is in the batch:
  *
  *   - IEEE builds (no fast-math: make run, make exact): run.c's loop, one product after the other
  *     in order, so that every sum is matmul()'s bit for bit (and the output C's -O3 output).
@@ -50,6 +50,15 @@
 #define F32_PREFETCH(address) ((void)0)
 #define F32_API static
 #endif
+
+/* How far apart forward_batch keeps the vectors of a batch that go into a product (its x): an odd
+ * number of 64-byte lines, as q8_token_stride does for runq. At 2048 columns (8 KB: 110M's
+ * hidden_dim, 1B's dim) a tile's 4 vectors fell on the same L1 sets as each other and as w's
+ * rows: those products ran at 0.85 of the others' FLOP rate on one core here, 0.9 padded */
+F32_API size_t f32_token_stride(int n) {
+    size_t lines = ((size_t)n + 15) / 16;
+    return 16 * (lines % 2 ? lines : lines + 1);
+}
 
 #if F32_FIXED_ORDER
 
@@ -120,7 +129,7 @@ typedef float f32x4 __attribute__((vector_size(16)));
         if (R > 3) a3##t += w3 * xv;                          \
     }
 #define F32_STORE(r, t) \
-    if (R > r && T > t) out[(size_t)(b0 + t) * d + i0 + r] = F32_SUM16(a##r##t);
+    if (R > r && T > t) out[(b0 + t) * os + i0 + r] = F32_SUM16(a##r##t);
 
 /* a loaded vector stays in its register: without this gcc loads the rows again for every vector.
  * Only where a 16-lane vector fits one register (AVX-512) */
@@ -153,7 +162,7 @@ static inline __attribute__((always_inline)) __m512 f32_sum16x16(const __m512* v
 /* a full 4 x 4 tile's sums, given in the order row * 4 + token: token t's 4 rows come out in
  * quarter t, stored together */
 static inline __attribute__((always_inline)) void f32_store_4x4(
-        float* out, int d, int i0, int b0, f32x16 a00, f32x16 a01, f32x16 a02, f32x16 a03,
+        float* out, size_t os, int i0, int b0, f32x16 a00, f32x16 a01, f32x16 a02, f32x16 a03,
         f32x16 a10, f32x16 a11, f32x16 a12, f32x16 a13, f32x16 a20, f32x16 a21, f32x16 a22,
         f32x16 a23, f32x16 a30, f32x16 a31, f32x16 a32, f32x16 a33) {
     const __m512 v[16] = {(__m512)a00, (__m512)a01, (__m512)a02, (__m512)a03, (__m512)a10,
@@ -163,12 +172,12 @@ static inline __attribute__((always_inline)) void f32_store_4x4(
     __m512 s = f32_sum16x16(v);
     int k;
     for (k = 0; k < 4; k++)
-        _mm_storeu_ps(out + (size_t)(b0 + k) * d + i0, _mm512_extractf32x4_ps(s, k));
+        _mm_storeu_ps(out + (b0 + k) * os + i0, _mm512_extractf32x4_ps(s, k));
 }
 #endif
 
 static inline __attribute__((always_inline)) void f32_tile_RxT(
-        float* out, const float* x, const float* w, int n, int d, int i0, int b0,
+        float* out, size_t os, const float* x, size_t xs, const float* w, int n, int i0, int b0,
         const int R, const int T, const float* prefetch_w) {
     const f32x16 zero = {0};
     f32x16 a00 = zero, a01 = zero, a02 = zero, a03 = zero, a10 = zero, a11 = zero, a12 = zero,
@@ -176,7 +185,7 @@ static inline __attribute__((always_inline)) void f32_tile_RxT(
            a32 = zero, a33 = zero;
     f32x16 w0 = zero, w1 = zero, w2 = zero, w3 = zero, xv;
     const float* wr = w + (size_t)i0 * n;
-    const float* xb = x + (size_t)b0 * n;
+    const float* xb = x + b0 * xs;
     int j, r;
     for (j = 0; j + 16 <= n; j += 16) {
         if (prefetch_w)
@@ -191,9 +200,9 @@ static inline __attribute__((always_inline)) void f32_tile_RxT(
         if (R > 2) F32_KEEP(w2);
         if (R > 3) F32_KEEP(w3);
         F32_ROWS_X_VEC(0, F32_LOAD16(xb + j))
-        F32_ROWS_X_VEC(1, F32_LOAD16(xb + n + j))
-        F32_ROWS_X_VEC(2, F32_LOAD16(xb + 2 * (size_t)n + j))
-        F32_ROWS_X_VEC(3, F32_LOAD16(xb + 3 * (size_t)n + j))
+        F32_ROWS_X_VEC(1, F32_LOAD16(xb + xs + j))
+        F32_ROWS_X_VEC(2, F32_LOAD16(xb + 2 * xs + j))
+        F32_ROWS_X_VEC(3, F32_LOAD16(xb + 3 * xs + j))
     }
     if (j < n) {
         int m = n - j;
@@ -202,13 +211,13 @@ static inline __attribute__((always_inline)) void f32_tile_RxT(
         if (R > 2) w2 = F32_LOAD_TAIL(wr + 2 * (size_t)n + j, m);
         if (R > 3) w3 = F32_LOAD_TAIL(wr + 3 * (size_t)n + j, m);
         F32_ROWS_X_VEC(0, F32_LOAD_TAIL(xb + j, m))
-        F32_ROWS_X_VEC(1, F32_LOAD_TAIL(xb + n + j, m))
-        F32_ROWS_X_VEC(2, F32_LOAD_TAIL(xb + 2 * (size_t)n + j, m))
-        F32_ROWS_X_VEC(3, F32_LOAD_TAIL(xb + 3 * (size_t)n + j, m))
+        F32_ROWS_X_VEC(1, F32_LOAD_TAIL(xb + xs + j, m))
+        F32_ROWS_X_VEC(2, F32_LOAD_TAIL(xb + 2 * xs + j, m))
+        F32_ROWS_X_VEC(3, F32_LOAD_TAIL(xb + 3 * xs + j, m))
     }
 #if defined(__AVX512F__)
     if (R == 4 && T == 4) {
-        f32_store_4x4(out, d, i0, b0, a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23,
+        f32_store_4x4(out, os, i0, b0, a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23,
                       a30, a31, a32, a33);
         return;
     }
@@ -222,9 +231,9 @@ static inline __attribute__((always_inline)) void f32_tile_RxT(
 /* one function per tile shape: inlined together into one, gcc keeps the running sums in memory */
 #define F32_TILE_FUNCTION(R, T)                                                                  \
     static __attribute__((noinline)) void f32_tile_##R##x##T(                                   \
-            float* out, const float* x, const float* w, int n, int d, int i0, int b0,           \
-            const float* prefetch_w) {                                                           \
-        f32_tile_RxT(out, x, w, n, d, i0, b0, R, T, prefetch_w);                                 \
+            float* out, size_t os, const float* x, size_t xs, const float* w, int n, int i0,    \
+            int b0, const float* prefetch_w) {                                                   \
+        f32_tile_RxT(out, os, x, xs, w, n, i0, b0, R, T, prefetch_w);                            \
     }
 F32_TILE_FUNCTION(1, 1) F32_TILE_FUNCTION(1, 2)
 F32_TILE_FUNCTION(F32_TILE_ROWS, 1) F32_TILE_FUNCTION(F32_TILE_ROWS, 2)
@@ -234,10 +243,11 @@ F32_TILE_FUNCTION(F32_TILE_ROWS, 3) F32_TILE_FUNCTION(F32_TILE_ROWS, 4)
 #endif
 
 #define F32_TILE_CASE(R, T) \
-    case T: f32_tile_##R##x##T(out, x, w, n, d, i0, b0, prefetch_w); break;
+    case T: f32_tile_##R##x##T(out, os, x, xs, w, n, i0, b0, prefetch_w); break;
 
 static inline __attribute__((always_inline)) void f32_tile_rows(
-        float* out, const float* x, const float* w, int n, int d, int B, int i0, const int R) {
+        float* out, size_t os, const float* x, size_t xs, const float* w, int n, int d, int B,
+        int i0, const int R) {
     /* the next R rows are fetched while the first group of vectors passes over these */
     const float* prefetch_w = i0 + 2 * R <= d ? w + (size_t)(i0 + R) * n : NULL;
     int b0;
@@ -262,13 +272,13 @@ static inline __attribute__((always_inline)) void f32_tile_rows(
     }
 }
 
-F32_API void f32_matmul_rows(float* out, const float* x, const float* w, int n, int d, int B,
-                             int i0, int i1) {
+F32_API void f32_matmul_rows(float* out, size_t os, const float* x, size_t xs, const float* w,
+                             int n, int d, int B, int i0, int i1) {
     int i;
     for (i = i0; i + F32_TILE_ROWS <= i1; i += F32_TILE_ROWS)
-        f32_tile_rows(out, x, w, n, d, B, i, F32_TILE_ROWS);
+        f32_tile_rows(out, os, x, xs, w, n, d, B, i, F32_TILE_ROWS);
     for (; i < i1; i++)  /* the rows left over when i1 - i0 is not a multiple of the tile */
-        f32_tile_rows(out, x, w, n, d, B, i, 1);
+        f32_tile_rows(out, os, x, xs, w, n, d, B, i, 1);
 }
 
 /* forward_batch's attention scores: att[t] = the dot product of q and the key at k + t * stride,
@@ -312,19 +322,19 @@ F32_API void f32_scores(float* att, const float* q, const float* k, size_t strid
 #else /* IEEE: run.c's loop for each product. Eight vectors share a pass over a row (eight
          independent sums keep the FPU busy, each load of w serves eight products) */
 
-static inline void f32_row_times_vecs(float* out, const float* x, const float* wi, int n, int d,
-                                      int b, const int T) {
+static inline void f32_row_times_vecs(float* out, size_t os, const float* x, size_t xs,
+                                      const float* wi, int n, int b, const int T) {
     float val[F32_TILE_VECS] = {0};
     int j, k;
     for (j = 0; j < n; j++)
         for (k = 0; k < T; k++)
-            val[k] += wi[j] * x[(size_t)(b + k) * n + j];
+            val[k] += wi[j] * x[(b + k) * xs + j];
     for (k = 0; k < T; k++)
-        out[(size_t)(b + k) * d] = val[k];
+        out[(b + k) * os] = val[k];
 }
 
-F32_API void f32_matmul_rows(float* out, const float* x, const float* w, int n, int d, int B,
-                             int i0, int i1) {
+F32_API void f32_matmul_rows(float* out, size_t os, const float* x, size_t xs, const float* w,
+                             int n, int d, int B, int i0, int i1) {
     int i, j, b;
     for (i = i0; i < i1; i++) {
         const float* wi = w + (size_t)i * n;
@@ -332,9 +342,9 @@ F32_API void f32_matmul_rows(float* out, const float* x, const float* w, int n, 
             for (j = 0; j < n; j += 16)
                 F32_PREFETCH(wi + 2 * (size_t)n + j);
         for (b = 0; b + F32_TILE_VECS <= B; b += F32_TILE_VECS)
-            f32_row_times_vecs(out + i, x, wi, n, d, b, F32_TILE_VECS);
+            f32_row_times_vecs(out + i, os, x, xs, wi, n, b, F32_TILE_VECS);
         for (; b < B; b++)
-            f32_row_times_vecs(out + i, x, wi, n, d, b, 1);
+            f32_row_times_vecs(out + i, os, x, xs, wi, n, b, 1);
     }
 }
 

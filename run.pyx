@@ -28,8 +28,9 @@ from llama2_cython.formats import map_model, rope_frequencies
 
 cdef extern from "f32dot.h" nogil:
     # forward_batch's matrix products (the header says how each sum is ordered, and why)
-    void f32_matmul_rows(float* out, const float* x, const float* w, int n, int d, int B, int i0,
-                         int i1)
+    void f32_matmul_rows(float* out, size_t out_stride, const float* x, size_t x_stride,
+                         const float* w, int n, int d, int B, int i0, int i1)
+    size_t f32_token_stride(int n)
 
 
 include "team.pxi"  # how many threads decode with
@@ -99,10 +100,12 @@ cdef struct BatchEntry:
 cdef struct BatchState:
     # forward()'s activations, one row per token of the batch
     float* x  # (MAX_BATCH, dim)
-    float* xb  # (MAX_BATCH, dim)
+    float* xb  # (MAX_BATCH, xb_stride): dim values a row, each row padded to xb_stride
     float* xb2  # (MAX_BATCH, dim)
-    float* hb  # (MAX_BATCH, hidden_dim)
-    float* hb2  # (MAX_BATCH, hidden_dim)
+    float* hb  # (MAX_BATCH, hb_stride): hidden_dim values a row, padded to hb_stride
+    float* hb2  # (MAX_BATCH, hb_stride)
+    Py_ssize_t xb_stride  # f32_token_stride(dim): xb and hb go into products (f32dot.h says why)
+    Py_ssize_t hb_stride  # f32_token_stride(hidden_dim)
     float* q  # (MAX_BATCH, dim)
     float* k  # (MAX_BATCH, kv_dim)
     float* v  # (MAX_BATCH, kv_dim)
@@ -552,10 +555,12 @@ cdef float* forward(Transformer transformer, int token, int pos) noexcept nogil:
 cdef void malloc_batch_state(BatchState* b, Config* p) except *:
     cdef size_t kv_dim = (<size_t>p.dim * p.n_kv_heads) // p.n_heads
     b.x = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
-    b.xb = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
+    b.xb_stride = f32_token_stride(p.dim)
+    b.hb_stride = f32_token_stride(p.hidden_dim)
+    b.xb = <float*>calloc(MAX_BATCH * b.xb_stride, sizeof(float))
     b.xb2 = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
-    b.hb = <float*>calloc(MAX_BATCH * p.hidden_dim, sizeof(float))
-    b.hb2 = <float*>calloc(MAX_BATCH * p.hidden_dim, sizeof(float))
+    b.hb = <float*>calloc(MAX_BATCH * b.hb_stride, sizeof(float))
+    b.hb2 = <float*>calloc(MAX_BATCH * b.hb_stride, sizeof(float))
     b.q = <float*>calloc(MAX_BATCH * p.dim, sizeof(float))
     b.k = <float*>calloc(MAX_BATCH * kv_dim, sizeof(float))
     b.v = <float*>calloc(MAX_BATCH * kv_dim, sizeof(float))
@@ -582,14 +587,16 @@ cdef void free_batch_state(BatchState* b) noexcept:
     free(b.logits)
     memset(b, 0, sizeof(BatchState))
 
-cdef void matmul_batch(float* xout, const float* x, const float* w, int n, int d, int B) noexcept nogil:
+cdef void matmul_batch(float* xout, Py_ssize_t os, const float* x, Py_ssize_t xs, const float* w,
+                       int n, int d, int B) noexcept nogil:
     # W (d,n) @ x (B,n) -> xout (B,d): matmul() for B vectors, each weight row read from memory
-    # once for all of them. f32dot.h has the products, and says in which order each is summed
-    matmul_batch3(x, n, B, xout, w, d, NULL, NULL, 0, NULL, NULL, 0)
+    # once for all of them (vector b of x at x + b * xs, of xout at xout + b * os). f32dot.h has
+    # the products, and says in which order each is summed
+    matmul_batch3(x, xs, n, B, xout, os, w, d, NULL, 0, NULL, 0, NULL, 0, NULL, 0)
 
-cdef void matmul_batch3(const float* x, int n, int B, float* out1, const float* w1, int d1,
-                        float* out2, const float* w2, int d2, float* out3, const float* w3,
-                        int d3) noexcept nogil:
+cdef void matmul_batch3(const float* x, Py_ssize_t xs, int n, int B, float* out1, Py_ssize_t os1,
+                        const float* w1, int d1, float* out2, Py_ssize_t os2, const float* w2, int d2,
+                        float* out3, Py_ssize_t os3, const float* w3, int d3) noexcept nogil:
     # matmul_batch for up to three matrices that multiply the same x (q, k and v; w1 and w3) in one
     # parallel region: each region ends with the threads waiting for each other, which costs
     # little on an idle machine and a lot when another program holds one of the cores
@@ -600,13 +607,13 @@ cdef void matmul_batch3(const float* x, int n, int B, float* out1, const float* 
     for block in prange(blocks1 + blocks2 + blocks3, schedule="static"):
         if block < blocks1:
             i = block * F32_BLOCK_ROWS
-            f32_matmul_rows(out1, x, w1, n, d1, B, i, min(d1, i + F32_BLOCK_ROWS))
+            f32_matmul_rows(out1, os1, x, xs, w1, n, d1, B, i, min(d1, i + F32_BLOCK_ROWS))
         elif block < blocks1 + blocks2:
             i = (block - blocks1) * F32_BLOCK_ROWS
-            f32_matmul_rows(out2, x, w2, n, d2, B, i, min(d2, i + F32_BLOCK_ROWS))
+            f32_matmul_rows(out2, os2, x, xs, w2, n, d2, B, i, min(d2, i + F32_BLOCK_ROWS))
         else:
             i = (block - blocks1 - blocks2) * F32_BLOCK_ROWS
-            f32_matmul_rows(out3, x, w3, n, d3, B, i, min(d3, i + F32_BLOCK_ROWS))
+            f32_matmul_rows(out3, os3, x, xs, w3, n, d3, B, i, min(d3, i + F32_BLOCK_ROWS))
 
 cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* batch, int B) noexcept nogil:
     # forward() for B entries at once (B <= MAX_BATCH): each entry's token at its position, on its
@@ -621,6 +628,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     cdef int kv_mul = p.n_heads // p.n_kv_heads
     cdef int hidden_dim = p.hidden_dim
     cdef int head_size = dim // p.n_heads
+    cdef Py_ssize_t xs = bs.xb_stride, hs = bs.hb_stride
     cdef Py_ssize_t l, loff, bh
     cdef int b, i, h, t, v, rotn, head_dim, pos, n_out
     # attention runs on as many threads as team.pxi chose, one scratch row each; each token's own
@@ -650,13 +658,14 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
 
         # attention rmsnorm
         for b in prange(B, schedule="static", num_threads=token_threads):
-            rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_att_weight + l * dim, dim,
+            rmsnorm(bs.xb + b * xs, bs.x + b * dim, w.rms_att_weight + l * dim, dim,
                     transformer.norm_eps)
 
         # qkv matmuls for these positions
         loff = l * p.seq_len * kv_dim  # kv cache layer offset for convenience
-        matmul_batch3(bs.xb, dim, B, bs.q, w.wq + l * dim * dim, dim,
-                      bs.k, w.wk + l * dim * kv_dim, kv_dim, bs.v, w.wv + l * dim * kv_dim, kv_dim)
+        matmul_batch3(bs.xb, xs, dim, B, bs.q, dim, w.wq + l * dim * dim, dim,
+                      bs.k, kv_dim, w.wk + l * dim * kv_dim, kv_dim,
+                      bs.v, kv_dim, w.wv + l * dim * kv_dim, kv_dim)
 
         # RoPE as in forward(), each token at its position; then key and value into its KV cache
         for b in prange(B, schedule="static", num_threads=token_threads):
@@ -691,11 +700,11 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             for t in range(pos + 1):
                 att[t] = att[t] / sqrtf(head_size)
             softmax(att, pos + 1)
-            weighted_values(bs.xb + b * dim + h * head_size, att,
+            weighted_values(bs.xb + b * xs + h * head_size, att,
                             s.value_cache + loff + (h // kv_mul) * head_size, kv_dim, pos + 1, head_size)
 
         # final matmul to get the output of the attention, and the residual connection
-        matmul_batch(bs.xb2, bs.xb, w.wo + l * dim * dim, dim, dim, B)
+        matmul_batch(bs.xb2, dim, bs.xb, xs, w.wo + l * dim * dim, dim, dim, B)
         for b in prange(B, schedule="static", num_threads=token_threads):
             x = bs.x + b * dim
             for i in range(dim):
@@ -703,21 +712,21 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
 
         # ffn rmsnorm
         for b in prange(B, schedule="static", num_threads=token_threads):
-            rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_ffn_weight + l * dim, dim,
+            rmsnorm(bs.xb + b * xs, bs.x + b * dim, w.rms_ffn_weight + l * dim, dim,
                     transformer.norm_eps)
 
         # w1(x) and w3(x), SwiGLU, w2
-        matmul_batch3(bs.xb, dim, B, bs.hb, w.w1 + l * dim * hidden_dim, hidden_dim,
-                      bs.hb2, w.w3 + l * dim * hidden_dim, hidden_dim, NULL, NULL, 0)
+        matmul_batch3(bs.xb, xs, dim, B, bs.hb, hs, w.w1 + l * dim * hidden_dim, hidden_dim,
+                      bs.hb2, hs, w.w3 + l * dim * hidden_dim, hidden_dim, NULL, 0, NULL, 0)
         for b in prange(B, schedule="static", num_threads=token_threads):
-            swiglu(bs.hb + b * hidden_dim, bs.hb2 + b * hidden_dim, hidden_dim)
-        matmul_batch(bs.xb, bs.hb, w.w2 + l * dim * hidden_dim, hidden_dim, dim, B)
+            swiglu(bs.hb + b * hs, bs.hb2 + b * hs, hidden_dim)
+        matmul_batch(bs.xb, xs, bs.hb, hs, w.w2 + l * dim * hidden_dim, hidden_dim, dim, B)
 
         # residual connection
         for b in prange(B, schedule="static", num_threads=token_threads):
             x = bs.x + b * dim
             for i in range(dim):
-                x[i] += bs.xb[b * dim + i]
+                x[i] += bs.xb[b * xs + i]
 
     # final rmsnorm and the classifier, for the entries that want logits (gathered in xb)
     n_out = 0
@@ -725,9 +734,9 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
         if batch[b].want_logits:
             x = bs.x + b * dim
             rmsnorm(x, x, w.rms_final_weight, dim, transformer.norm_eps)  # in place, as in forward()
-            memcpy(bs.xb + n_out * dim, x, dim * sizeof(float))
+            memcpy(bs.xb + n_out * xs, x, dim * sizeof(float))
             n_out += 1
-    matmul_batch(bs.logits, bs.xb, w.wcls, p.dim, p.vocab_size, n_out)
+    matmul_batch(bs.logits, p.vocab_size, bs.xb, xs, w.wcls, p.dim, p.vocab_size, n_out)
 
 cdef void swiglu(float* hb, const float* hb2, int hidden_dim) noexcept nogil:
     # forward()'s SwiGLU loop for one token of a batch

@@ -5,7 +5,8 @@
  *                                 out (B, d) again, one vector at a time and one row at a time,
  *                                 then (B, d) from f32_scores: each x against w's rows as keys,
  *                                 then (B, d) from f32_scores on the first half of each row
- *                                 (stride n) and (B, d) from f32_matmul_rows on those halves */
+ *                                 (stride n) and (B, d) from f32_matmul_rows on those halves,
+ *                                 then (B, d) all at once with x and out rows padded apart */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,11 +40,11 @@ int main(int argc, char** argv) {
     if (!w || !x || !out || !one) return 1;
     for (int i = 0; i < n * d; i++) w[i] = random_float();
     for (int i = 0; i < n * B; i++) x[i] = random_float();
-    f32_matmul_rows(out, x, w, n, d, B, 0, d);
+    f32_matmul_rows(out, d, x, n, w, n, d, B, 0, d);
     fwrite(out, sizeof(float), (size_t)d * B, stdout);
     for (int b = 0; b < B; b++) {
         for (int i = 0; i < d; i++)
-            f32_matmul_rows(one, x + (size_t)b * n, w, n, d, 1, i, i + 1);
+            f32_matmul_rows(one, d, x + (size_t)b * n, n, w, n, d, 1, i, i + 1);
         fwrite(one, sizeof(float), d, stdout);
     }
     for (int b = 0; b < B; b++) {
@@ -60,10 +61,22 @@ int main(int argc, char** argv) {
         fwrite(one, sizeof(float), d, stdout);
     }
     for (int b = 0; b < B; b++) {
-        f32_matmul_rows(one, x + (size_t)b * n, halves, half, d, 1, 0, d);
+        f32_matmul_rows(one, d, x + (size_t)b * n, n, halves, half, d, 1, 0, d);
         fwrite(one, sizeof(float), d, stdout);
     }
     free(halves);
+    /* all at once again, with the vectors f32_token_stride apart and the outputs d + 5 apart */
+    size_t xs = f32_token_stride(n), os = (size_t)d + 5;
+    float* padded_x = calloc(xs * B, sizeof(float));
+    float* padded_out = calloc(os * B, sizeof(float));
+    if (!padded_x || !padded_out) return 1;
+    for (int b = 0; b < B; b++)
+        memcpy(padded_x + b * xs, x + (size_t)b * n, sizeof(float) * n);
+    f32_matmul_rows(padded_out, os, padded_x, xs, w, n, d, B, 0, d);
+    for (int b = 0; b < B; b++)
+        fwrite(padded_out + b * os, sizeof(float), d, stdout);
+    free(padded_x);
+    free(padded_out);
     free(w);
     free(x);
     free(out);

@@ -57,8 +57,16 @@ def programs(tmp_path_factory):
 def products(exe, n, d, B, seed=3):
     raw = subprocess.run([str(exe), str(n), str(d), str(B), str(seed)], capture_output=True,
                          check=True).stdout
-    values = np.frombuffer(raw, dtype=np.float32).reshape(5, B, d)
+    values = np.frombuffer(raw, dtype=np.float32).reshape(6, B, d)
     return values[0], values[1]
+
+
+def padded_products(exe, n, d, B, seed=3):
+    """f32_matmul_rows over all rows at once with x's vectors f32_token_stride apart and the
+    outputs d + 5 apart."""
+    raw = subprocess.run([str(exe), str(n), str(d), str(B), str(seed)], capture_output=True,
+                         check=True).stdout
+    return np.frombuffer(raw, dtype=np.float32).reshape(6, B, d)[5]
 
 
 def scores(exe, n, d, B, seed=3):
@@ -66,7 +74,7 @@ def scores(exe, n, d, B, seed=3):
     (stride n), and f32_matmul_rows on those halves as a matrix of their own."""
     raw = subprocess.run([str(exe), str(n), str(d), str(B), str(seed)], capture_output=True,
                          check=True).stdout
-    values = np.frombuffer(raw, dtype=np.float32).reshape(5, B, d)
+    values = np.frombuffer(raw, dtype=np.float32).reshape(6, B, d)
     return values[2], values[3], values[4]
 
 
@@ -95,6 +103,7 @@ def test_batched_equals_one_at_a_time(programs, n, d, B):
     for name, exe in programs.items():
         together, alone = products(exe, n, d, B)
         assert np.array_equal(together, alone), name
+        assert np.array_equal(together, padded_products(exe, n, d, B)), name
         w, x = inputs(n, d, B)
         exact = x.astype(np.float64) @ w.T.astype(np.float64)
         scale = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)
