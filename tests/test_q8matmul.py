@@ -37,17 +37,24 @@ def cpu_flags():
     return set()
 
 
+def cpu_has_amx(cpu):
+    """Whether /proc/cpuinfo lists AMX-INT8 (Linux lists it only where it supports the tiles)."""
+    return cpu is not None and {"amx_tile", "amx_int8"} <= cpu
+
+
 def check(tmp_path, march, flags):
     """Build and run the check program: (path, values compared, differing from one token at a
-    time, differing from the reference, values compared from the packed layout, differing)."""
+    time, differing from the reference, values compared from the packed layout, differing,
+    values compared from the AMX kernel, differing, the kernel chosen for 2 or more tokens)."""
     if shutil.which("gcc") is None or sys.platform != "linux":
         pytest.skip("the check program is built with gcc on Linux")
     exe = tmp_path / "q8matmul_check"
     subprocess.run(["gcc", *FLAGS[flags], *march, "-I", str(REPO),
                     str(REPO / "tests" / "q8matmul_check.c"), "-o", str(exe), "-lm"], check=True)
-    path, *counts = subprocess.run([str(exe), flags], capture_output=True, text=True,
-                                   check=True).stdout.split()
-    return (path, *map(int, counts))
+    counts, chosen = subprocess.run([str(exe), flags], capture_output=True, text=True,
+                                    check=True).stdout.splitlines()
+    path, *counts = counts.split()
+    return (path, *map(int, counts), chosen)
 
 
 @pytest.mark.parametrize("flags", sorted(FLAGS))
@@ -56,7 +63,8 @@ def test_path(march, kernel, needs, flags, tmp_path):
     cpu = cpu_flags()
     if cpu is None or not needs <= cpu:
         pytest.skip(f"this CPU cannot run the {kernel} path")
-    path, compared, differ_alone, differ, compared_packed, differ_packed = check(tmp_path, march, flags)
+    (path, compared, differ_alone, differ, compared_packed, differ_packed, compared_amx, differ_amx,
+     chosen) = check(tmp_path, march, flags)
     assert path == kernel
     assert compared > 100_000
     assert differ_alone == 0  # T tokens at once == one at a time, bit for bit
@@ -64,6 +72,28 @@ def test_path(march, kernel, needs, flags, tmp_path):
     # the packed layout (AVX-512 VNNI only) == the file's layout, bit for bit
     assert (compared_packed > 50_000) == (kernel == "avx512vnni")
     assert differ_packed == 0
+    # AMX, on the real tiles, where the CPU has them: chosen, and == AVX-512 VNNI bit for bit
+    amx = kernel == "avx512vnni" and cpu_has_amx(cpu)
+    assert chosen == ("amx+" if amx else "") + kernel
+    assert (compared_amx > 30_000) == amx
+    assert differ_amx == 0
+
+
+@pytest.mark.parametrize("flags", sorted(FLAGS))
+def test_amx_emulated(flags, tmp_path):
+    # the AMX kernel's logic on emulated tiles (Intel's definitions of the instructions, in C):
+    # chosen, its self-check passed, and == AVX-512 VNNI bit for bit for T = 2 .. 40, gs 32 and
+    # 64, rows and columns that are not whole blocks, extreme values (and == the reference, exact)
+    march, kernel, needs = TARGETS[-1]
+    cpu = cpu_flags()
+    if cpu is None or not needs <= cpu:
+        pytest.skip("the AMX kernel is built on the AVX-512 VNNI path, which this CPU cannot run")
+    (path, compared, differ_alone, differ, compared_packed, differ_packed, compared_amx, differ_amx,
+     chosen) = check(tmp_path, [*march, "-DQ8_AMX_EMULATE"], flags)
+    assert (path, chosen) == (kernel, "amx+" + kernel)
+    assert (differ_alone, differ, differ_packed) == (0, 0, 0)
+    assert compared_amx > 30_000
+    assert differ_amx == 0
 
 
 def test_builds_say_which_path():
