@@ -548,7 +548,6 @@ Q8_INLINE void q8_block_packed(float* out, int d, int row0, int rows, const int8
     }
 }
 
-
 /* ---------------------------------------------------------------------------------------------
  * AMX-INT8 (Intel Xeon since Sapphire Rapids): the products of 2 or more tokens on a packed block,
  * where the CPU and the OS allow AMX (q8_choose_batch_kernel, at run time: the build's -march
