@@ -30,6 +30,9 @@
  * macros of the CPU that builds and runs the extension; a build without -march (make run's
  * IEEE build, MSVC's default) gets the plain loop. Run-time dispatch would need per-function
  * target attributes (not in MSVC) and would make the IEEE build's numbers depend on the CPU.
+ * One exception, which changes no number: on the AVX-512 VNNI build, where the CPU has AMX-INT8,
+ * the products of 2 or more tokens on packed blocks use AMX tiles (q8_choose_batch_kernel, at
+ * run time; gcc and clang on x86-64 Linux), with the same integer sums and the same float step.
  *   - AVX-512 VNNI: vpdpbusd multiplies unsigned by signed bytes: (w xor 0x80) = w + 128 is
  *     unsigned, and dot(w + 128, x) - 128 * sum(x) = dot(w, x) exactly for any int8 values
  *     (sums of at most 64 * 255 * 128 fit int32). sum(x) per group is q8_group_sums', once
@@ -545,6 +548,286 @@ Q8_INLINE void q8_block_packed(float* out, int d, int row0, int rows, const int8
     }
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * AMX-INT8 (Intel Xeon since Sapphire Rapids): the products of 2 or more tokens on a packed block,
+ * where the CPU and the OS allow AMX (q8_choose_batch_kernel, at run time: the build's -march
+ * need not name AMX). A packed group is an AMX "B" tile as it lies in memory: gs / 4 rows of 64
+ * bytes, row k = bytes 4k .. 4k+3 of each of the 16 weight rows, as w + 128 (unsigned). Up to 16
+ * tokens' x of the group, a row per token, is an "A" tile (gs signed bytes a row), and tdpbsud
+ * gives C[t][r] = dot(x_t, w_r + 128): the integer that q8_tokens_block has before its - 128 *
+ * xsum. The fix-up and q8_step16 follow for each group in group order, so every result is
+ * q8_block_packed's bits. One group's integer sum is one tdpbsud (K = gs <= 64), because each
+ * group has its own scales; 4 groups' sums are made in 4 C tiles before their float steps.
+ *
+ * The tile instructions go through q8_tile_*: the intrinsics, in functions compiled for AMX by a
+ * target attribute (gcc >= 11, clang >= 12, x86-64 Linux: the only place the OS permission call
+ * below exists), or, with Q8_AMX_EMULATE defined, plain C that follows Intel's definitions of
+ * the instructions for the configured shapes, so that this kernel runs, and is checked bit for
+ * bit, on CPUs without AMX (tests/q8matmul_check.c). */
+
+#if defined(Q8_AMX_EMULATE)
+#include <stdio.h>
+#include <stdlib.h>
+#define Q8_AMX 1
+#define Q8_AMX_TARGET
+
+typedef struct {
+    int rows, colsb;
+    uint8_t data[16][64];
+} q8_emulated_tile;
+static __thread q8_emulated_tile q8_tiles[8];  /* tiles are per thread, as in the CPU */
+
+static void q8_emulated_fault(const char* what) {  /* where the CPU would raise #UD */
+    fprintf(stderr, "q8matmul.h AMX emulation: %s\n", what);
+    abort();
+}
+
+static void q8_emulated_loadconfig(const void* config) {
+    const uint8_t* c = (const uint8_t*)config;
+    if (c[0] != 1)
+        q8_emulated_fault("palette is not 1");
+    for (int i = 0; i < 8; i++) {
+        uint16_t colsb;
+        memcpy(&colsb, c + 16 + 2 * i, 2);
+        q8_tiles[i].rows = c[48 + i];
+        q8_tiles[i].colsb = colsb;
+        if (q8_tiles[i].rows > 16 || q8_tiles[i].colsb > 64)
+            q8_emulated_fault("tile larger than palette 1's");
+        memset(q8_tiles[i].data, 0, sizeof q8_tiles[i].data);  /* ldtilecfg zeroes the tiles */
+    }
+}
+
+/* tileloadd: rows of colsb bytes, stride bytes apart; the rest of the tile is zeroed */
+static void q8_emulated_loadd(int tmm, const void* base, int64_t stride) {
+    q8_emulated_tile* t = &q8_tiles[tmm];
+    if (t->rows == 0)
+        q8_emulated_fault("tileloadd of an unconfigured tile");
+    memset(t->data, 0, sizeof t->data);
+    for (int r = 0; r < t->rows; r++)
+        memcpy(t->data[r], (const uint8_t*)base + r * stride, (size_t)t->colsb);
+}
+
+static void q8_emulated_stored(int tmm, void* base, int64_t stride) {
+    const q8_emulated_tile* t = &q8_tiles[tmm];
+    if (t->rows == 0)
+        q8_emulated_fault("tilestored of an unconfigured tile");
+    for (int r = 0; r < t->rows; r++)
+        memcpy((uint8_t*)base + r * stride, t->data[r], (size_t)t->colsb);
+}
+
+static void q8_emulated_zero(int tmm) {
+    memset(q8_tiles[tmm].data, 0, sizeof q8_tiles[tmm].data);
+}
+
+/* tdpbsud: C[m][n] += sum over k < A.colsb / 4 and i < 4 of A[m][4k + i] (signed) * B[k][4n + i]
+ * (unsigned), in int32 that wraps; the shapes must agree as the CPU requires */
+static void q8_emulated_dpbsud(int c, int a, int b) {
+    q8_emulated_tile *C = &q8_tiles[c], *A = &q8_tiles[a], *B = &q8_tiles[b];
+    if (C->rows == 0 || A->rows != C->rows || B->rows != A->colsb / 4 || B->colsb != C->colsb
+            || C->colsb % 4 || A->colsb % 4)
+        q8_emulated_fault("tdpbsud's tile shapes do not agree");
+    for (int m = 0; m < C->rows; m++)
+        for (int n = 0; n < C->colsb / 4; n++) {
+            uint32_t acc;
+            memcpy(&acc, C->data[m] + 4 * n, 4);
+            for (int k = 0; k < A->colsb / 4; k++)
+                for (int i = 0; i < 4; i++)
+                    acc += (uint32_t)((int32_t)(int8_t)A->data[m][4 * k + i] * (int32_t)B->data[k][4 * n + i]);
+            memcpy(C->data[m] + 4 * n, &acc, 4);
+        }
+}
+
+static void q8_emulated_release(void) {
+    memset(q8_tiles, 0, sizeof q8_tiles);
+}
+
+#define q8_tile_loadconfig(config) q8_emulated_loadconfig(config)
+#define q8_tile_load(tmm, base, stride) q8_emulated_loadd(tmm, base, stride)
+#define q8_tile_store(tmm, base, stride) q8_emulated_stored(tmm, base, stride)
+#define q8_tile_zero(tmm) q8_emulated_zero(tmm)
+#define q8_tile_dpbsud(c, a, b) q8_emulated_dpbsud(c, a, b)
+#define q8_tile_release() q8_emulated_release()
+
+#elif defined(__x86_64__) && defined(__linux__) \
+    && (defined(__clang__) ? __clang_major__ >= 12 : defined(__GNUC__) && __GNUC__ >= 11)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define Q8_AMX 1
+#define Q8_AMX_TARGET __attribute__((target("amx-tile,amx-int8")))
+/* gcc's _tile_loadconfig tells the compiler that it reads 8 bytes of the configuration: the
+ * barrier makes every byte of it be stored first. Tile numbers must be literal constants. */
+#define q8_tile_loadconfig(config) \
+    do { __asm__ volatile("" : : "r"(config) : "memory"); _tile_loadconfig(config); } while (0)
+#define q8_tile_load(tmm, base, stride) _tile_loadd(tmm, base, stride)
+#define q8_tile_store(tmm, base, stride) _tile_stored(tmm, base, stride)
+#define q8_tile_zero(tmm) _tile_zero(tmm)
+#define q8_tile_dpbsud(c, a, b) _tile_dpbsud(c, a, b)
+#define q8_tile_release() _tile_release()
+
+#else
+#define Q8_AMX 0
+#endif
+
+#if Q8_AMX
+/* palette 1's configuration: 64 bytes, tile i's bytes per row at 16 + 2i, its rows at 48 + i */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} q8_tile_config;
+
+/* tiles 0-3: C, 4 groups' sums (nt rows of 16 int32); 4, 5: A, x (nt rows of gs bytes); 6, 7:
+ * B, a group of the packed block (gs / 4 rows of 64 bytes) */
+static void q8_amx_config(q8_tile_config* c, int nt, int gs) {
+    memset(c, 0, sizeof *c);
+    c->palette = 1;
+    for (int i = 0; i < 4; i++) {
+        c->rows[i] = (uint8_t)nt;
+        c->colsb[i] = 64;
+    }
+    for (int i = 4; i < 6; i++) {
+        c->rows[i] = (uint8_t)nt;
+        c->colsb[i] = (uint16_t)gs;
+    }
+    for (int i = 6; i < 8; i++) {
+        c->rows[i] = (uint8_t)(gs / 4);
+        c->colsb[i] = 64;
+    }
+}
+
+/* group g's integer sums for the nt tokens (x at the block's first token) into C tile c, via A
+ * tile a and B tile b (literal tile numbers) */
+#define Q8_AMX_GROUP(c, a, b, g)                                       \
+    do {                                                               \
+        q8_tile_zero(c);                                               \
+        q8_tile_load(a, x + (int64_t)(g) * gs, xstride);               \
+        q8_tile_load(b, bq + (int64_t)(g) * gs * 16, 64);              \
+        q8_tile_dpbsud(c, a, b);                                       \
+    } while (0)
+
+/* q8_block_packed for T >= 1 tokens, its integer sums from the tiles */
+Q8_AMX_TARGET Q8_NOINLINE void q8_block_amx(float* out, int d, int row0, int rows, const int8_t* xq,
+                                            const int32_t* xsum, const float* xs, int T,
+                                            int64_t xstride, const int8_t* bq, const float* bs,
+                                            int n, int gs) {
+    int groups = n / gs, configured = 0;
+    __mmask16 lanes = (__mmask16)((1u << rows) - 1);
+    q8_tile_config config __attribute__((aligned(64)));
+    int32_t sums[4][16][16] __attribute__((aligned(64)));  /* C tile i, token t, row r */
+    for (int t0 = 0; t0 < T; t0 += 16) {
+        int nt = T - t0 < 16 ? T - t0 : 16;
+        const int8_t* x = xq + t0 * xstride;
+        const int32_t* xsm = xsum + t0 * xstride;
+        const float* xsc = xs + t0 * xstride;
+        if (nt != configured) {  /* the first block of 16 tokens, and a shorter last one */
+            q8_amx_config(&config, nt, gs);
+            q8_tile_loadconfig(&config);
+            configured = nt;
+        }
+        __m512 val[16];
+        for (int t = 0; t < 16; t++)
+            val[t] = _mm512_setzero_ps();
+        for (int g0 = 0; g0 < groups; g0 += 4) {
+            int count = groups - g0 < 4 ? groups - g0 : 4;
+            Q8_AMX_GROUP(0, 4, 6, g0);
+            if (count > 1)
+                Q8_AMX_GROUP(1, 5, 7, g0 + 1);
+            if (count > 2)
+                Q8_AMX_GROUP(2, 4, 6, g0 + 2);
+            if (count > 3)
+                Q8_AMX_GROUP(3, 5, 7, g0 + 3);
+            q8_tile_store(0, sums[0], 64);
+            if (count > 1)
+                q8_tile_store(1, sums[1], 64);
+            if (count > 2)
+                q8_tile_store(2, sums[2], 64);
+            if (count > 3)
+                q8_tile_store(3, sums[3], 64);
+            for (int i = 0; i < count; i++) {  /* q8_tokens_block's float step, group by group */
+                int g = g0 + i;
+                __m512 ws = _mm512_loadu_ps(bs + g * 16);
+                for (int t = 0; t < nt; t++) {
+                    int64_t o = t * xstride;
+                    __m512i s = _mm512_sub_epi32(_mm512_load_si512(sums[i][t]),
+                                                 _mm512_set1_epi32(128 * xsm[o + g]));
+                    val[t] = q8_step16(val[t], s, ws, xsc[o + g]);
+                }
+            }
+        }
+        for (int t = 0; t < nt; t++)
+            _mm512_mask_storeu_ps(out + (int64_t)(t0 + t) * d + row0, lanes, val[t]);
+    }
+    q8_tile_release();
+}
+#undef Q8_AMX_GROUP
+
+/* whether this CPU and OS let this process use AMX-INT8: the CPU says it has AMX-TILE and
+ * AMX-INT8 (CPUID leaf 7: EDX bits 24, 25), Linux grants the tile data state to the process
+ * (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, 18; it refuses, among other reasons,
+ * where a thread's signal stack is too small for it) and the OS saves the tiles (XCR0 bits 17
+ * and 18). Under emulation, yes. */
+static int q8_amx_usable(void) {
+#if defined(Q8_AMX_EMULATE)
+    return 1;
+#else
+    unsigned a, b, c, d;
+    if (__get_cpuid_max(0, 0) < 7)
+        return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    if (!(d & (1u << 24)) || !(d & (1u << 25)))
+        return 0;
+    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0)
+        return 0;
+    __cpuid(1, a, b, c, d);
+    if (!(c & (1u << 27)))  /* OSXSAVE: without it xgetbv does not exist */
+        return 0;
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    (void)hi;
+    return (lo >> 17 & 3) == 3;
+#endif
+}
+
+/* No AMX CPU was at hand when this was written (it was checked under emulation): before AMX is
+ * used, one small product through it and through q8_block_packed must agree bit for bit: 48
+ * rows (3 blocks) x 256 columns, gs 32 and 64, 19 tokens (a block of 16 and a tail of 3), any
+ * int8 weights and x in [-127, 127] from a fixed generator. */
+static int q8_amx_self_check(void) {
+    enum { D = 48, N = 256, T = 19, STRIDE = 320 };
+    static int8_t wq[D * N], xq[T * STRIDE];
+    static int8_t pq[D / 16 * N / 64 * 1024] __attribute__((aligned(64)));
+    static float ws[D * N / 32], ps[D * N / 32] __attribute__((aligned(64))), xs[T * STRIDE];
+    static int32_t xsum[T * STRIDE];
+    static float amx[T * D], vnni[T * D];
+    uint32_t state = 2463534242u;
+#define Q8_NEXT() (state ^= state << 13, state ^= state >> 17, state ^= state << 5, state)
+    for (int i = 0; i < D * N; i++)
+        wq[i] = (int8_t)Q8_NEXT();
+    for (int i = 0; i < T * STRIDE; i++)
+        xq[i] = (int8_t)(Q8_NEXT() % 255 - 127);
+    for (int i = 0; i < D * N / 32; i++)
+        ws[i] = (float)(Q8_NEXT() % 2001) / 1000.0f - 1.0f;
+    for (int i = 0; i < T * STRIDE; i++)
+        xs[i] = (float)(Q8_NEXT() % 2001) / 1000.0f - 1.0f;
+#undef Q8_NEXT
+    for (int gs = 32; gs <= 64; gs += 32) {
+        for (int t = 0; t < T; t++)
+            q8_group_sums(xq + t * STRIDE, xsum + t * STRIDE, N, gs);
+        for (int b = 0; b < D / 16; b++) {
+            q8_pack_block_plain(pq, ps, b, wq, ws, D, N, gs);
+            const int8_t* bq = pq + b * (N / 64) * 1024;
+            const float* bs = ps + b * (N / gs) * 16;
+            q8_block_amx(amx, D, 16 * b, 16, xq, xsum, xs, T, STRIDE, bq, bs, N, gs);
+            q8_block_packed(vnni, D, 16 * b, 16, xq, xsum, xs, T, STRIDE, bq, bs, N, gs);
+        }
+        if (memcmp(amx, vnni, sizeof amx))
+            return 0;
+    }
+    return 1;
+}
+#endif
+
 #elif Q8_SIMD == 256
 /* ---------------------------------------------------------------------------------------------
  * AVX2 */
@@ -638,6 +921,33 @@ static void q8_matmul_block(float* out, int d, int64_t block, const int8_t* xq, 
 }
 
 
+#ifndef Q8_AMX
+#define Q8_AMX 0
+#endif
+
+/* Whether q8_matmul_block_packed multiplies 2 or more tokens with AMX: 0 until
+ * q8_choose_batch_kernel says otherwise (runq.pyx calls it once, before any product). */
+static int q8_amx_chosen = 0;
+
+/* The kernel that products of 2 or more tokens on packed blocks use from now on, by name: AMX
+ * with this build's kernel for the rest ("amx+avx512vnni") where allow_amx, AMX is usable
+ * (q8_amx_usable) and its self-check passes, else this build's kernel (Q8_KERNEL), with a note
+ * when AMX was found but failed its self-check. Not thread-safe: call it before the products. */
+static const char* q8_choose_batch_kernel(int allow_amx) {
+    q8_amx_chosen = 0;
+#if Q8_AMX
+    if (!allow_amx || !q8_amx_usable())
+        return Q8_KERNEL;
+    if (!q8_amx_self_check())
+        return Q8_KERNEL " (AMX failed its self-check: not used)";
+    q8_amx_chosen = 1;
+    return "amx+" Q8_KERNEL;
+#else
+    (void)allow_amx;
+    return Q8_KERNEL;
+#endif
+}
+
 /* the packed layout's entry point: q8_matmul_block for a matrix that q8_pack_block packed (pq
  * and ps: the whole matrix's), gs 32 or 64, n % gs == 0. Only where Q8_PACKED is 1 (AVX-512
  * VNNI); elsewhere runq.pyx packs nothing and calls q8_matmul_block */
@@ -650,6 +960,12 @@ static void q8_matmul_block_packed(float* out, int d, int64_t block, const int8_
         return;
     const int8_t* bq = pq + block * ((n + 63) / 64) * 1024;
     const float* bs = ps + block * (n / gs) * 16;
+#if Q8_AMX
+    if (T >= 2 && q8_amx_chosen) {
+        q8_block_amx(out, d, row0, rows, xq, xsum, xs, T, xstride, bq, bs, n, gs);
+        return;
+    }
+#endif
     if (gs == 64)
         q8_block_packed(out, d, row0, rows, xq, xsum, xs, T, xstride, bq, bs, n, 64);
     else

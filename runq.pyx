@@ -39,6 +39,7 @@ cdef extern from "q8matmul.h" nogil:
                          int d, int n, int gs)
     void q8_dequantize_row_packed(float* x, const int8_t* pq, const float* ps, int64_t row, int n,
                                   int gs)
+    const char* q8_choose_batch_kernel(int allow_amx)
 
 import array
 import mmap
@@ -57,6 +58,21 @@ from llama2_cython.formats import (available_memory, map_model, packed_start, qu
 
 # which of q8matmul.h's kernels this build compiled: "avx512vnni", "avx2" or "plain"
 INT8_KERNEL = (<bytes>Q8_KERNEL).decode("ascii")
+_int8_batch_kernel = None
+
+def int8_batch_kernel():
+    """The kernel of forward_batch's products of 2 or more tokens on packed matrices, chosen at the
+    first call (the first model load makes it): "amx+avx512vnni" where the CPU and the OS allow
+    AMX-INT8 and it passed its self-check, else INT8_KERNEL (with a note if AMX failed the check).
+    LLAMA2_INT8_KERNEL=<INT8_KERNEL> in the environment keeps AMX off; "auto" or unset chooses."""
+    global _int8_batch_kernel
+    if _int8_batch_kernel is None:
+        wanted = os.environ.get("LLAMA2_INT8_KERNEL") or "auto"
+        if wanted not in ("auto", INT8_KERNEL):
+            raise LlamaError(f"LLAMA2_INT8_KERNEL={wanted!r}: this build runs 'auto' (AMX where the "
+                             f"CPU has it) or {INT8_KERNEL!r}")
+        _int8_batch_kernel = (<bytes>q8_choose_batch_kernel(wanted == "auto")).decode("ascii")
+    return _int8_batch_kernel
 
 
 # ----------------------------------------------------------------------------
@@ -854,6 +870,7 @@ cdef read_checkpoint(Transformer t, checkpoint, bint pack):
         raise LlamaError(f"{os.fsdecode(checkpoint)}: out of memory: {e}") from None
 
 cdef build_transformer(Transformer t, checkpoint_path, bint pack):
+    int8_batch_kernel()  # not in runq.c: q8matmul.h's run-time choice, made once
     # read in the Config and the Weights from the checkpoint
     read_checkpoint(t, checkpoint_path, pack)
     if t.header.layout and pack and Q8_PACKED:

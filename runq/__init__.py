@@ -5,7 +5,7 @@ from llama2_cython.api import Model as _Model
 
 from . import _runq
 from ._runq import (INT8_KERNEL, Sampler, Tokenizer, Transformer, chat, generate, generate_batch,
-                    load_tokenizer, main, time_in_ms)
+                    int8_batch_kernel, load_tokenizer, main, time_in_ms)
 
 
 class Model(_Model):
@@ -14,4 +14,4 @@ class Model(_Model):
 
 
 __all__ = ["INT8_KERNEL", "LlamaError", "Model", "Sampler", "Tokenizer", "Transformer", "chat",
-           "generate", "generate_batch", "load_tokenizer", "main", "time_in_ms"]
+           "generate", "generate_batch", "int8_batch_kernel", "load_tokenizer", "main", "time_in_ms"]

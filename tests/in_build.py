@@ -119,6 +119,12 @@ def int8_kernel():
     return importlib.import_module("runq").INT8_KERNEL
 
 
+def int8_batch_kernel():
+    """The kernel runq's build chooses at run time for products of 2 or more tokens (this
+    process's LLAMA2_INT8_KERNEL applies)."""
+    return importlib.import_module("runq").int8_batch_kernel()
+
+
 if __name__ == "__main__":
     root, function = sys.argv[1:]
     sys.path.insert(0, root)

@@ -13,9 +13,16 @@
  *   must write q8_pack_block_plain's bytes (a block that differs counts as one differing value);
  *   and every row that q8_dequantize_row_packed reads back from the packed layout must be the
  *   file's row dequantized (runq.c's value times scale), bit for bit.
+ * - Where q8_choose_batch_kernel chooses AMX (on a CPU with AMX-INT8, or built with
+ *   Q8_AMX_EMULATE on AVX-512 VNNI: the kernel then runs on emulated tiles), for every T from 2 to 40 (tails of 16 tokens), group sizes 32 and 64, 1 to 40 rows (blocks cut
+ *   short), n a multiple of 32 that is not one of 64 among others, and extreme values, the
+ *   products of 2 or more tokens that q8_matmul_block_packed gives with AMX chosen must be those
+ *   it gives without, bit for bit (and, with "exact", the reference's).
  * Prints the path, the number of values compared, the number that differ from the one-token
  * result, the number that differ from the reference (0 when not checked), the number of values
- * compared from the packed layout and the number of those that differ. */
+ * compared from the packed layout, the number of those that differ, the number of values compared
+ * from the AMX kernel (0 without emulation) and the number of those that differ; then, on a line
+ * of its own, the kernel q8_choose_batch_kernel chose for products of 2 or more tokens. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,6 +48,7 @@ static float reference(const int8_t* x, const float* xs, const int8_t* w, const 
 #define MAX_D 40
 #define MAX_T 20
 #define STRIDE (MAX_N + 8)
+#define MAX_AMX_T 40
 
 int main(int argc, char** argv) {
     static int8_t x[MAX_T * STRIDE], w[MAX_D * MAX_N];
@@ -113,7 +121,47 @@ int main(int argc, char** argv) {
             }
         }
     }
-    printf("%s %ld %ld %ld %ld %ld\n", Q8_KERNEL, compared, differ_alone, differ, compared_packed,
-           differ_packed);
+    long compared_amx = 0, differ_amx = 0;
+    const char* chosen = q8_choose_batch_kernel(1);
+#if Q8_AMX
+    static int8_t amx_x[MAX_AMX_T * STRIDE];
+    static float amx_xs[MAX_AMX_T * STRIDE], amx[MAX_AMX_T * MAX_D], vnni[MAX_AMX_T * MAX_D];
+    static int32_t amx_xsum[MAX_AMX_T * STRIDE];
+    int amx_chosen = strcmp(chosen, "amx+" Q8_KERNEL) == 0;
+    for (int it = 0; amx_chosen && it < 2 * (MAX_AMX_T - 1); it++) {
+        int gs = it % 2 ? 64 : 32, T = 2 + it / 2, groups = 1 + (it * 5) % 23, n = groups * gs;
+        int d = 1 + rand() % MAX_D, extreme = it % 7 == 0;
+        for (int i = 0; i < d * n; i++)
+            w[i] = extreme ? (rand() % 2 ? 127 : -128) : (int8_t)(rand() % 256 - 128);
+        for (int i = 0; i < d * groups; i++)
+            ws[i] = (float)rand() / RAND_MAX - 0.5f;
+        for (int t = 0; t < T; t++) {
+            for (int i = 0; i < n; i++)
+                amx_x[t * STRIDE + i] = extreme ? (rand() % 2 ? 127 : -127) : (int8_t)(rand() % 255 - 127);
+            for (int g = 0; g < groups; g++)
+                amx_xs[t * STRIDE + g] = (float)rand() / RAND_MAX - 0.5f;
+            q8_group_sums(amx_x + t * STRIDE, amx_xsum + t * STRIDE, n, gs);
+        }
+        for (int b = 0; b * 16 < d; b++)
+            q8_pack_block(pq, ps, b, w, ws, d, n, gs);
+        q8_amx_chosen = 0;
+        for (int b = 0; b * 16 < d; b++)
+            q8_matmul_block_packed(vnni, d, b, amx_x, amx_xsum, amx_xs, T, STRIDE, pq, ps, n, gs);
+        q8_amx_chosen = 1;
+        for (int b = 0; b * 16 < d; b++)
+            q8_matmul_block_packed(amx, d, b, amx_x, amx_xsum, amx_xs, T, STRIDE, pq, ps, n, gs);
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < d; i++) {
+                compared_amx++;
+                if (memcmp(&amx[t * d + i], &vnni[t * d + i], sizeof(float))
+                        || (exact && amx[t * d + i] != reference(amx_x + t * STRIDE, amx_xs + t * STRIDE,
+                                                                 w + i * n, ws + i * groups, n, gs, 1)))
+                    differ_amx++;
+            }
+    }
+    q8_amx_chosen = 0;
+#endif
+    printf("%s %ld %ld %ld %ld %ld %ld %ld\n%s\n", Q8_KERNEL, compared, differ_alone, differ,
+           compared_packed, differ_packed, compared_amx, differ_amx, chosen);
     return 0;
 }

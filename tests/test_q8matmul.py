@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import runq
-from tests.helpers import in_build
+from tests.helpers import assert_one_line_error, in_build, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 # the target flags, the path they select, the CPU flags (/proc/cpuinfo) it needs
@@ -37,17 +37,24 @@ def cpu_flags():
     return set()
 
 
+def cpu_has_amx(cpu):
+    """Whether /proc/cpuinfo lists AMX-INT8 (Linux lists it only where it supports the tiles)."""
+    return cpu is not None and {"amx_tile", "amx_int8"} <= cpu
+
+
 def check(tmp_path, march, flags):
     """Build and run the check program: (path, values compared, differing from one token at a
-    time, differing from the reference, values compared from the packed layout, differing)."""
+    time, differing from the reference, values compared from the packed layout, differing,
+    values compared from the AMX kernel, differing, the kernel chosen for 2 or more tokens)."""
     if shutil.which("gcc") is None or sys.platform != "linux":
         pytest.skip("the check program is built with gcc on Linux")
     exe = tmp_path / "q8matmul_check"
     subprocess.run(["gcc", *FLAGS[flags], *march, "-I", str(REPO),
                     str(REPO / "tests" / "q8matmul_check.c"), "-o", str(exe), "-lm"], check=True)
-    path, *counts = subprocess.run([str(exe), flags], capture_output=True, text=True,
-                                   check=True).stdout.split()
-    return (path, *map(int, counts))
+    counts, chosen = subprocess.run([str(exe), flags], capture_output=True, text=True,
+                                    check=True).stdout.splitlines()
+    path, *counts = counts.split()
+    return (path, *map(int, counts), chosen)
 
 
 @pytest.mark.parametrize("flags", sorted(FLAGS))
@@ -56,7 +63,8 @@ def test_path(march, kernel, needs, flags, tmp_path):
     cpu = cpu_flags()
     if cpu is None or not needs <= cpu:
         pytest.skip(f"this CPU cannot run the {kernel} path")
-    path, compared, differ_alone, differ, compared_packed, differ_packed = check(tmp_path, march, flags)
+    (path, compared, differ_alone, differ, compared_packed, differ_packed, compared_amx, differ_amx,
+     chosen) = check(tmp_path, march, flags)
     assert path == kernel
     assert compared > 100_000
     assert differ_alone == 0  # T tokens at once == one at a time, bit for bit
@@ -64,6 +72,28 @@ def test_path(march, kernel, needs, flags, tmp_path):
     # the packed layout (AVX-512 VNNI only) == the file's layout, bit for bit
     assert (compared_packed > 50_000) == (kernel == "avx512vnni")
     assert differ_packed == 0
+    # AMX, on the real tiles, where the CPU has them: chosen, and == AVX-512 VNNI bit for bit
+    amx = kernel == "avx512vnni" and cpu_has_amx(cpu)
+    assert chosen == ("amx+" if amx else "") + kernel
+    assert (compared_amx > 30_000) == amx
+    assert differ_amx == 0
+
+
+@pytest.mark.parametrize("flags", sorted(FLAGS))
+def test_amx_emulated(flags, tmp_path):
+    # the AMX kernel's logic on emulated tiles (Intel's definitions of the instructions, in C):
+    # chosen, its self-check passed, and == AVX-512 VNNI bit for bit for T = 2 .. 40, gs 32 and
+    # 64, rows and columns that are not whole blocks, extreme values (and == the reference, exact)
+    march, kernel, needs = TARGETS[-1]
+    cpu = cpu_flags()
+    if cpu is None or not needs <= cpu:
+        pytest.skip("the AMX kernel is built on the AVX-512 VNNI path, which this CPU cannot run")
+    (path, compared, differ_alone, differ, compared_packed, differ_packed, compared_amx, differ_amx,
+     chosen) = check(tmp_path, [*march, "-DQ8_AMX_EMULATE"], flags)
+    assert (path, chosen) == (kernel, "amx+" + kernel)
+    assert (differ_alone, differ, differ_packed) == (0, 0, 0)
+    assert compared_amx > 30_000
+    assert differ_amx == 0
 
 
 def test_builds_say_which_path():
@@ -76,3 +106,47 @@ def test_builds_say_which_path():
                             text=True, check=True).stdout
     assert f'kernel="{runq.INT8_KERNEL}"' in native.replace(" ", "")
     assert in_build("exact", "int8_kernel") == "plain"
+
+
+def test_batch_kernel_choice_and_override(monkeypatch, tmp_path):
+    # chosen at run time: AMX on the AVX-512 VNNI build of a CPU with AMX-INT8, else the build's
+    # kernel; LLAMA2_INT8_KERNEL=<the build's kernel> keeps AMX off; another value is refused
+    amx = runq.INT8_KERNEL == "avx512vnni" and cpu_has_amx(cpu_flags())
+    monkeypatch.delenv("LLAMA2_INT8_KERNEL", raising=False)
+    assert in_build("fast", "int8_batch_kernel") == ("amx+" if amx else "") + runq.INT8_KERNEL
+    assert in_build("exact", "int8_batch_kernel") == "plain"
+    for value in ("auto", ""):
+        monkeypatch.setenv("LLAMA2_INT8_KERNEL", value)
+        assert in_build("fast", "int8_batch_kernel") == ("amx+" if amx else "") + runq.INT8_KERNEL
+    monkeypatch.setenv("LLAMA2_INT8_KERNEL", runq.INT8_KERNEL)
+    assert in_build("fast", "int8_batch_kernel") == runq.INT8_KERNEL
+    model = REPO / "testdata" / "tiny_gqa_q80.bin"
+    proc = run_cli("runq", [model, "-n", "4"], env={"LLAMA2_INT8_KERNEL": "amx"})
+    err = assert_one_line_error(proc)
+    assert "LLAMA2_INT8_KERNEL='amx'" in err
+
+
+@pytest.mark.parametrize("shape, group_size", [
+    # dim 96 is 3 groups of 32 (not a multiple of 64), hidden_dim 224 is 7, vocab 500 is not
+    # made of blocks of 16 rows
+    (dict(dim=96, hidden_dim=224, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=500, seq_len=48), 32),
+    (dict(dim=128, hidden_dim=320, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=500, seq_len=48), 64),
+])
+def test_amx_through_runq(shape, group_size, monkeypatch, tmp_path):
+    # on a CPU with AMX-INT8 the real tiles run forward_prompt's products (2 or more tokens),
+    # and the logits are bit for bit those of forward() one token at a time (AVX-512 VNNI)
+    monkeypatch.delenv("LLAMA2_INT8_KERNEL", raising=False)
+    kernel = in_build("fast", "int8_batch_kernel")
+    if not kernel.startswith("amx+"):
+        pytest.skip(f"runq does not use AMX on this CPU (int8_batch_kernel() is {kernel!r}); "
+                    "test_amx_emulated checks the AMX kernel under emulation")
+    from llama2_cython import export
+    from tests.test_runq import write_v2
+    path = tmp_path / "model_q80.bin"
+    write_v2(path, shape, export.random_model(shape, seed=7, shared=False), group_size, False)
+    tokens = [(37 * i + 11) % shape["vocab_size"] for i in range(45)]
+    rows = in_build("fast", "prefill_vs_forward", prog="runq", model=str(path), tokens=tokens,
+                    sizes=[2, 3, 16, 17, 31, 45])
+    for row in rows:  # [n, prompt == forward(), ..., next forward() == forward(), ...]
+        assert row[1], row
+        assert len(row) == 4 or row[4], row
