@@ -103,7 +103,7 @@ AMX_PREFILL_FACTOR = 2.0
 
 def int8_kernel():
     """The int8 kernel runq runs prompts with here, as a process of its own reports it."""
-    proc = subprocess.run([sys.executable, "-c", "import runq; print(runq.INT8_KERNEL)"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-c", "import runq; print(runq.int8_batch_kernel())"], cwd=REPO,
                           capture_output=True, text=True, check=True)
     return proc.stdout.strip()
 
