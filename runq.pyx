@@ -1309,10 +1309,12 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
             memcpy(s.value_cache + loff + pos * kv_dim, bs.v + b * kv_dim, kv_dim * sizeof(float))
 
         # multihead attention as in forward(), over all heads of all tokens, dealt out one at a time
-        # (in a prompt a later token attends to more positions: in halves, one thread got 3/4)
+        # (in a prompt a later token attends to more positions: in halves, one thread got 3/4),
+        # head by head, so that a thread's next token reads the same head's keys and values (in
+        # its cache) instead of another head's
         for bh in prange(B * p.n_heads, schedule="static", chunksize=1, num_threads=threads):
-            b = bh // p.n_heads
-            h = bh % p.n_heads
+            h = bh // B
+            b = bh % B
             s = batch[b].s
             pos = batch[b].pos
             q = bs.q + b * dim + h * head_size
