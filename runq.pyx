@@ -1256,11 +1256,10 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     cdef int widest = max(dim, hidden_dim)
     cdef Py_ssize_t l, loff, bh
     cdef int b, i, h, t, v, rotn, head_dim, pos, n_out
-    # attention runs on as many threads as team.pxi chose, one scratch row each; each token's own
-    # steps (norms, RoPE, residuals, SwiGLU) too once there are enough tokens to share (a prompt's:
-    # on one thread they took 3% of it while the other waited), not for a decode's few
+    # attention runs on as many threads as team.pxi chose, one scratch row each. (Each token's own
+    # steps stay on this thread: as parallel loops they took 1.5% off a prompt and added 6% to
+    # a 15M decode, where starting a parallel region, even of one thread, costs about 1 us.)
     cdef int threads = min(bs.att_rows, team_max_threads())
-    cdef int token_threads = threads if B >= 8 else 1
     cdef float fcr, fci, v0, v1
     cdef float* x
     cdef float* vec
@@ -1281,7 +1280,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     for l in range(p.n_layers):
 
         # attention rmsnorm
-        for b in prange(B, schedule="static", num_threads=token_threads):
+        for b in range(B):
             rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_att_weight + l * dim, dim,
                     transformer.norm_eps)
 
@@ -1291,7 +1290,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
 
         # RoPE as in forward(), each token at its position; then key and value into its KV cache
         loff = l * p.seq_len * kv_dim  # kv cache layer offset for convenience
-        for b in prange(B, schedule="static", num_threads=token_threads):
+        for b in range(B):
             pos = batch[b].pos
             for i in range(0, dim, 2):
                 head_dim = i % head_size
@@ -1330,25 +1329,25 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
 
         # final matmul to get the output of the attention, and the residual connection
         matmul_batch(bs.xb2, bs, bs.xb, w.wo + l, dim, dim, GS, B, widest, packed)
-        for b in prange(B, schedule="static", num_threads=token_threads):
+        for b in range(B):
             x = bs.x + b * dim
             for i in range(dim):
                 x[i] += bs.xb2[b * dim + i]
 
         # ffn rmsnorm
-        for b in prange(B, schedule="static", num_threads=token_threads):
+        for b in range(B):
             rmsnorm(bs.xb + b * dim, bs.x + b * dim, w.rms_ffn_weight + l * dim, dim,
                     transformer.norm_eps)
 
         # w1(x) and w3(x), SwiGLU, w2
         matmul_batch3(bs, bs.xb, dim, GS, B, widest, packed, bs.hb, w.w1 + l, hidden_dim, bs.hb2, w.w3 + l,
                       hidden_dim, NULL, NULL, 0)
-        for b in prange(B, schedule="static", num_threads=token_threads):
+        for b in range(B):
             swiglu(bs.hb + b * hidden_dim, bs.hb2 + b * hidden_dim, hidden_dim)
         matmul_batch(bs.xb, bs, bs.hb, w.w2 + l, hidden_dim, dim, GS, B, widest, packed)
 
         # residual connection
-        for b in prange(B, schedule="static", num_threads=token_threads):
+        for b in range(B):
             x = bs.x + b * dim
             for i in range(dim):
                 x[i] += bs.xb[b * dim + i]
