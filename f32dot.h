@@ -1,5 +1,6 @@
 /* f32dot.h: the fp32 matrix products of run.pyx's forward_batch, which decodes and takes prompts
- * for the command line and the API (forward() stays run.c's, the reference it is tested against).
+ * for the command line and the API (forward() stays run.c's, the reference it is tested against),
+ * and the attention scores of both programs' forward_batch (f32_scores: each one such a product).
  *
  * f32_matmul_rows(out, os, x, xs, w, n, d, B, i0, i1) computes rows i0 .. i1 - 1 of W (d, n) times
  * each of B vectors x (B, n; vector b at x + b * xs), into out (B, d; vector b at out + b * os);
