@@ -633,6 +633,9 @@ static void q8_emulated_dpbsud(int c, int a, int b) {
             for (int k = 0; k < A->colsb / 4; k++)
                 for (int i = 0; i < 4; i++)
                     acc += (uint32_t)((int32_t)(int8_t)A->data[m][4 * k + i] * (int32_t)B->data[k][4 * n + i]);
+#if defined(Q8_AMX_EMULATE_FAULT)  /* for tests/test_q8matmul.py: a tile unit with one sum wrong */
+            acc += m == 0 && n == 0;
+#endif
             memcpy(C->data[m] + 4 * n, &acc, 4);
         }
 }

@@ -96,6 +96,22 @@ def test_amx_emulated(flags, tmp_path):
     assert differ_amx == 0
 
 
+@pytest.mark.parametrize("flags", sorted(FLAGS))
+def test_amx_that_fails_its_self_check_is_not_used(flags, tmp_path):
+    # emulated tiles that get one sum wrong: the self-check against AVX-512 VNNI catches it, the
+    # kernel's name says so, and every product stays on VNNI (no AMX value to compare)
+    march, kernel, needs = TARGETS[-1]
+    cpu = cpu_flags()
+    if cpu is None or not needs <= cpu:
+        pytest.skip("the AMX kernel is built on the AVX-512 VNNI path, which this CPU cannot run")
+    (path, compared, differ_alone, differ, compared_packed, differ_packed, compared_amx, differ_amx,
+     chosen) = check(tmp_path, [*march, "-DQ8_AMX_EMULATE", "-DQ8_AMX_EMULATE_FAULT"], flags)
+    assert (path, chosen) == (kernel, kernel + " (AMX failed its self-check: not used)")
+    assert (differ_alone, differ, differ_packed) == (0, 0, 0)
+    assert compared_packed > 50_000
+    assert (compared_amx, differ_amx) == (0, 0)
+
+
 def test_builds_say_which_path():
     # the fast build (-march=native) takes the path the check program takes on this CPU with
     # -march=native; the exact build (no -march) takes the plain loop, runq.c's arithmetic
