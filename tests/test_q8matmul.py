@@ -79,19 +79,28 @@ def test_path(march, kernel, needs, flags, tmp_path):
     assert differ_amx == 0
 
 
+def emulated_amx_check(tmp_path, flags, *defines):
+    """check() of the AVX-512 VNNI path built with AMX emulated (Q8_AMX_EMULATE) and defines:
+    (the kernel chosen, its name, values differing from one token at a time, from the reference
+    and from the packed layout, values compared from the packed layout and from AMX, differing)."""
+    march, kernel, needs = TARGETS[-1]
+    cpu = cpu_flags()
+    if cpu is None or not needs <= cpu:
+        pytest.skip("the AMX kernel is built on the AVX-512 VNNI path, which this CPU cannot run")
+    (path, _, differ_alone, differ, compared_packed, differ_packed, compared_amx, differ_amx,
+     chosen) = check(tmp_path, [*march, "-DQ8_AMX_EMULATE", *defines], flags)
+    assert path == kernel
+    return chosen, kernel, (differ_alone, differ, differ_packed), compared_packed, compared_amx, differ_amx
+
+
 @pytest.mark.parametrize("flags", sorted(FLAGS))
 def test_amx_emulated(flags, tmp_path):
     # the AMX kernel's logic on emulated tiles (Intel's definitions of the instructions, in C):
     # chosen, its self-check passed, and == AVX-512 VNNI bit for bit for T = 2 .. 40, gs 32 and
     # 64, rows and columns that are not whole blocks, extreme values (and == the reference, exact)
-    march, kernel, needs = TARGETS[-1]
-    cpu = cpu_flags()
-    if cpu is None or not needs <= cpu:
-        pytest.skip("the AMX kernel is built on the AVX-512 VNNI path, which this CPU cannot run")
-    (path, compared, differ_alone, differ, compared_packed, differ_packed, compared_amx, differ_amx,
-     chosen) = check(tmp_path, [*march, "-DQ8_AMX_EMULATE"], flags)
-    assert (path, chosen) == (kernel, "amx+" + kernel)
-    assert (differ_alone, differ, differ_packed) == (0, 0, 0)
+    chosen, kernel, differing, _, compared_amx, differ_amx = emulated_amx_check(tmp_path, flags)
+    assert chosen == "amx+" + kernel
+    assert differing == (0, 0, 0)
     assert compared_amx > 30_000
     assert differ_amx == 0
 
@@ -100,14 +109,10 @@ def test_amx_emulated(flags, tmp_path):
 def test_amx_that_fails_its_self_check_is_not_used(flags, tmp_path):
     # emulated tiles that get one sum wrong: the self-check against AVX-512 VNNI catches it, the
     # kernel's name says so, and every product stays on VNNI (no AMX value to compare)
-    march, kernel, needs = TARGETS[-1]
-    cpu = cpu_flags()
-    if cpu is None or not needs <= cpu:
-        pytest.skip("the AMX kernel is built on the AVX-512 VNNI path, which this CPU cannot run")
-    (path, compared, differ_alone, differ, compared_packed, differ_packed, compared_amx, differ_amx,
-     chosen) = check(tmp_path, [*march, "-DQ8_AMX_EMULATE", "-DQ8_AMX_EMULATE_FAULT"], flags)
-    assert (path, chosen) == (kernel, kernel + " (AMX failed its self-check: not used)")
-    assert (differ_alone, differ, differ_packed) == (0, 0, 0)
+    chosen, kernel, differing, compared_packed, compared_amx, differ_amx = emulated_amx_check(
+        tmp_path, flags, "-DQ8_AMX_EMULATE_FAULT")
+    assert chosen == kernel + " (AMX failed its self-check: not used)"
+    assert differing == (0, 0, 0)
     assert compared_packed > 50_000
     assert (compared_amx, differ_amx) == (0, 0)
 
