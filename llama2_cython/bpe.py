@@ -361,20 +361,6 @@ def _merges_bpe(vocab, merges, ignore_merges, unk_id, fuse_unk):
     byte_ids = [vocab.get(c) for c in BYTE_CHARS]
     merge = _id_merger(merges)
 
-    def symbols(data):
-        out = []
-        after_unk = False
-        for b in data:
-            token_id = byte_ids[b]
-            if token_id is None:
-                if unk_id is None or (fuse_unk and after_unk):
-                    continue
-                token_id, after_unk = unk_id, True
-            else:
-                after_unk = False
-            out.append(token_id)
-        return out
-
     def bpe(piece):
         data = piece.encode("utf-8")
         if ignore_merges:
@@ -383,9 +369,25 @@ def _merges_bpe(vocab, merges, ignore_merges, unk_id, fuse_unk):
                 return [whole]
         parts = [byte_ids[b] for b in data]
         if None in parts:
-            parts = symbols(data)
+            parts = _unknowns_filled(parts, unk_id, fuse_unk)
         return merge(parts)
     return bpe
+
+
+def _unknowns_filled(parts, unk_id, fuse_unk):
+    """parts (token ids, None for a symbol without a token) with each None as unk_id, one for a
+    run of them when fuse_unk, or dropped where there is no unk_id, as tokenizers' BPE does."""
+    out = []
+    after_unk = False
+    for token_id in parts:
+        if token_id is None:
+            if unk_id is None or (fuse_unk and after_unk):
+                continue
+            token_id, after_unk = unk_id, True
+        else:
+            after_unk = False
+        out.append(token_id)
+    return out
 
 
 def _chars_bpe(vocab, merges, unk_id, fuse_unk, byte_fallback):
@@ -396,27 +398,15 @@ def _chars_bpe(vocab, merges, unk_id, fuse_unk, byte_fallback):
     byte_ids = [vocab.get(f"<0x{b:02X}>") for b in range(256)]
     merge = _id_merger(merges)
 
-    def symbols(word):
-        out = []
-        after_unk = False
-        for c in word:
-            token_id = char_id(c)
-            if token_id is None:
-                if byte_fallback:
-                    out.extend(byte_ids[b] for b in c.encode("utf-8"))
-                    continue
-                if unk_id is None or (fuse_unk and after_unk):
-                    continue
-                token_id, after_unk = unk_id, True
-            else:
-                after_unk = False
-            out.append(token_id)
-        return out
+    def bytes_of_unknowns(word, parts):
+        return [token_id for c, part in zip(word, parts)
+                for token_id in ([part] if part is not None else [byte_ids[b] for b in c.encode("utf-8")])]
 
     def bpe(word):
         parts = list(map(char_id, word))
         if None in parts:
-            parts = symbols(word)
+            parts = (bytes_of_unknowns(word, parts) if byte_fallback
+                     else _unknowns_filled(parts, unk_id, fuse_unk))
         return merge(parts)
     return bpe
 

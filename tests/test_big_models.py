@@ -222,7 +222,7 @@ def test_70b_width_runs_right_in_run(tmp_path):
 
 # VmHWM, the peak of this process's memory since it started: ru_maxrss starts from the peak of the
 # process that forked it (pytest's, often larger than the load's)
-LOAD_PROBE = r"""
+PROBE_START = r"""
 import sys
 def status(field):
     with open("/proc/self/status") as f:
@@ -230,6 +230,8 @@ def status(field):
 import runq, numpy
 before = status("VmRSS")
 t = runq.Transformer(sys.argv[1])
+"""
+LOAD_PROBE = PROBE_START + r"""
 peak = status("VmHWM")
 after = status("VmRSS")
 for pos in range(8):
@@ -256,14 +258,7 @@ def test_runq_holds_about_the_file_while_loading_and_after(tmp_path):
     assert packed == str(runq.INT8_KERNEL == "avx512vnni")
 
 
-DECODE_PROBE = r"""
-import sys
-def status(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-import runq, numpy
-before = status("VmRSS")
-t = runq.Transformer(sys.argv[1])
+DECODE_PROBE = PROBE_START + r"""
 tokens = numpy.random.default_rng(0).permutation(t.config["vocab_size"])[:int(sys.argv[2])]
 for pos, token in enumerate(tokens):
     t.forward(int(token), pos)
