@@ -7,6 +7,7 @@ import math
 import numbers
 import threading
 
+from . import LlamaError
 from .chat import Conversation, chat_format
 from .cli import sampling_overrides, time_seed
 from .hf_tokenizer import HFTokenizer
@@ -87,7 +88,8 @@ class Model:
         dicts: "system", "user", "assistant"), piece by piece.
 
         The model is fed chat_prompt(messages).ids; the reply ends at an end-of-turn token, at
-        stop (as in generate()), or when steps (the positions, prompt included) run out.
+        stop (as in generate()), or when steps (the positions, prompt included) run out. A
+        prompt longer than steps is refused (LlamaError), not answered with an empty reply.
         steps, temperature, topp and seed mean what -n, -t, -p and -s mean on the command line.
         """
         chat = Conversation(self.transformer.with_new_state(), self.chat_format(),
@@ -102,6 +104,9 @@ class Model:
             if text.stopped:
                 tokens.close()
                 return
+        if chat.unfit:
+            raise LlamaError(f"the chat prompt is {chat.unfit} tokens, more than steps={steps}: "
+                             f"no position is left for a reply")
         out = text.end()
         if out:
             yield out

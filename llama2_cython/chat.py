@@ -430,6 +430,7 @@ class Conversation:
         self.tokens = []
         self.full = False  # steps ran out: the conversation can go no further
         self.turn_ended = False  # the last reply ended at an end-of-turn id
+        self.unfit = 0  # the length of a prompt that did not fit in steps (0: every one fit)
 
     def respond(self, messages):
         """Yields the reply's token ids as they are sampled. It ends at an end-of-turn id (not
@@ -442,6 +443,7 @@ class Conversation:
             raise LlamaError("the chat prompt is empty: the template rendered no tokens")
         if len(ids) > self.steps:
             self.full = True
+            self.unfit = len(ids)
             return
         keep = 0
         limit = min(len(self.tokens), len(ids) - 1)  # the last token is fed for its logits

@@ -532,9 +532,13 @@ def test_chat_ends_when_steps_run_out(module, tiny_models, smollm):
     assert b"\n" not in reply and proc.stdout.endswith(reply + b"\n")
     full = run_cli(module, args + ["-n", 128], stdin=b"Hi there\n").stdout
     assert full.startswith(b"User: Assistant: " + reply)
-    # the prompt alone does not fit: "Assistant: " and the end
+    # the prompt alone does not fit: "Assistant: " and the end, as run.c; the API refuses it
     proc = run_cli(module, args + ["-n", len(prompt) - 1], stdin=b"Hi there\nmore\n")
     assert proc.stdout == b"User: Assistant: \n"
+    api = ENGINES[module].Model(str(tiny_models[module]), str(shared("smollm")))
+    with pytest.raises(LlamaError, match=f"the chat prompt is {len(prompt)} tokens, more than steps="):
+        list(api.chat(TWO_TURNS[:2], steps=len(prompt) - 1))
+    "".join(api.chat(TWO_TURNS[:2], steps=len(prompt), seed=SEED))  # it fits: no error
 
 
 def test_run_cuda_chats_as_run(tiny_models):
