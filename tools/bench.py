@@ -177,7 +177,7 @@ def write_random_q80(path, config, seed=0, group_size=64, shared=False, rope=Rop
             std = 1.0 if name in ("token_embedding_table", "wcls") and not shared else cols ** -0.5
             draw = embedding_rng if name == "wcls" and shared else rng
             if packed and name == "wq":
-                fh.write(b"\0" * (-fh.tell() % formats.PACKED_ALIGN))
+                fh.write(b"\0" * formats.packed_padding(cfg, group_size))
             for _ in range(count):
                 q = draw.integers(-127, 128, rows * cols, dtype=np.int8)
                 scales = draw.uniform(0.5, 1.5, rows * cols // group_size) * (std / int8_std)
