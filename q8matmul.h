@@ -793,38 +793,43 @@ static int q8_amx_usable(void) {
 }
 
 /* No AMX CPU was at hand when this was written (it was checked under emulation): before AMX is
- * used, one small product through it and through q8_block_packed must agree bit for bit: 48
- * rows (3 blocks) x 256 columns, gs 32 and 64, 19 tokens (a block of 16 and a tail of 3), any
- * int8 weights and x in [-127, 127] from a fixed generator. */
+ * used, small products through it and through q8_block_packed must agree bit for bit: 48 rows
+ * (3 blocks) x 256 columns with gs 32 and 64 and 19 tokens (a block of 16 and a tail of 3), and
+ * 288 columns with gs 32 and 17 tokens (9 groups: a last round of fewer than 4 groups and a
+ * half chunk, a tail of 1 token, as stories15M's dim 288 and a 17-token prompt have); any int8
+ * weights and x in [-127, 127] from a fixed generator. */
 static int q8_amx_self_check(void) {
-    enum { D = 48, N = 256, T = 19, STRIDE = 320 };
-    static int8_t wq[D * N], xq[T * STRIDE];
-    static int8_t pq[D / 16 * N / 64 * 1024] __attribute__((aligned(64)));
-    static float ws[D * N / 32], ps[D * N / 32] __attribute__((aligned(64))), xs[T * STRIDE];
-    static int32_t xsum[T * STRIDE];
-    static float amx[T * D], vnni[T * D];
+    enum { D = 48, MAX_N = 288, MAX_T = 19, STRIDE = 320 };
+    static const int cases[3][3] = {{256, 19, 32}, {256, 19, 64}, {288, 17, 32}};  /* n, T, gs */
+    static int8_t wq[D * MAX_N], xq[MAX_T * STRIDE];
+    static int8_t pq[D / 16 * ((MAX_N + 63) / 64) * 1024] __attribute__((aligned(64)));
+    static float ws[D * MAX_N / 32], ps[D * MAX_N / 32] __attribute__((aligned(64))),
+        xs[MAX_T * STRIDE];
+    static int32_t xsum[MAX_T * STRIDE];
+    static float amx[MAX_T * D], vnni[MAX_T * D];
     uint32_t state = 2463534242u;
 #define Q8_NEXT() (state ^= state << 13, state ^= state >> 17, state ^= state << 5, state)
-    for (int i = 0; i < D * N; i++)
+    for (int i = 0; i < D * MAX_N; i++)
         wq[i] = (int8_t)Q8_NEXT();
-    for (int i = 0; i < T * STRIDE; i++)
+    for (int i = 0; i < MAX_T * STRIDE; i++)
         xq[i] = (int8_t)(Q8_NEXT() % 255 - 127);
-    for (int i = 0; i < D * N / 32; i++)
+    for (int i = 0; i < D * MAX_N / 32; i++)
         ws[i] = (float)(Q8_NEXT() % 2001) / 1000.0f - 1.0f;
-    for (int i = 0; i < T * STRIDE; i++)
+    for (int i = 0; i < MAX_T * STRIDE; i++)
         xs[i] = (float)(Q8_NEXT() % 2001) / 1000.0f - 1.0f;
 #undef Q8_NEXT
-    for (int gs = 32; gs <= 64; gs += 32) {
+    for (int c = 0; c < 3; c++) {
+        int n = cases[c][0], T = cases[c][1], gs = cases[c][2];
         for (int t = 0; t < T; t++)
-            q8_group_sums(xq + t * STRIDE, xsum + t * STRIDE, N, gs);
+            q8_group_sums(xq + t * STRIDE, xsum + t * STRIDE, n, gs);
         for (int b = 0; b < D / 16; b++) {
-            q8_pack_block_plain(pq, ps, b, wq, ws, D, N, gs);
-            const int8_t* bq = pq + b * (N / 64) * 1024;
-            const float* bs = ps + b * (N / gs) * 16;
-            q8_block_amx(amx, D, 16 * b, 16, xq, xsum, xs, T, STRIDE, bq, bs, N, gs);
-            q8_block_packed(vnni, D, 16 * b, 16, xq, xsum, xs, T, STRIDE, bq, bs, N, gs);
+            q8_pack_block_plain(pq, ps, b, wq, ws, D, n, gs);
+            const int8_t* bq = pq + b * ((n + 63) / 64) * 1024;
+            const float* bs = ps + b * (n / gs) * 16;
+            q8_block_amx(amx, D, 16 * b, 16, xq, xsum, xs, T, STRIDE, bq, bs, n, gs);
+            q8_block_packed(vnni, D, 16 * b, 16, xq, xsum, xs, T, STRIDE, bq, bs, n, gs);
         }
-        if (memcmp(amx, vnni, sizeof amx))
+        if (memcmp(amx, vnni, sizeof(float) * T * D))
             return 0;
     }
     return 1;

@@ -72,6 +72,9 @@ def int8_batch_kernel():
             raise LlamaError(f"LLAMA2_INT8_KERNEL={wanted!r}: this build runs 'auto' (AMX where the "
                              f"CPU has it) or {INT8_KERNEL!r}")
         _int8_batch_kernel = (<bytes>q8_choose_batch_kernel(wanted == "auto")).decode("ascii")
+        if "self-check" in _int8_batch_kernel:  # the CPU or the compiler does not do what was meant
+            print(f"runq: this CPU's AMX tiles disagreed with AVX-512 VNNI on a known product: "
+                  f"prompts run on {INT8_KERNEL} (please report it)", file=sys.stderr)
     return _int8_batch_kernel
 
 
