@@ -65,6 +65,8 @@ def test_prompt_longer_than_a_pass(tmp_path, prog, build):
     assert [n for n, *results in rows if not all(results[0::3])] == []  # as the engine token by token
     if build == "exact":
         assert [n for n, *results in rows if not all(results[1::3])] == []  # as C's forward()
+    else:  # to rounding, relative to the logit scale
+        assert [n for n, *results in rows if max(results[2::3]) >= 1e-5] == []
 
 
 @pytest.fixture(scope="module")

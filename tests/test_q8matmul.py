@@ -6,6 +6,7 @@ With IEEE flags each path must give its reference's numbers bit for bit (runq.c'
 path, the fused float step on the SIMD paths), and with the fast build's flags (-Ofast) as with
 IEEE ones, a row times T tokens at once must give what it gives one token at a time: the property
 forward_batch's equality with forward() rests on."""
+import os
 import shutil
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def test_batch_kernel_choice_and_override(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMA2_INT8_KERNEL", runq.INT8_KERNEL)
     assert in_build("fast", "int8_batch_kernel") == runq.INT8_KERNEL
     model = REPO / "testdata" / "tiny_gqa_q80.bin"
-    proc = run_cli("runq", [model, "-n", "4"], env={"LLAMA2_INT8_KERNEL": "amx"})
+    proc = run_cli("runq", [model, "-n", "4"], env={**os.environ, "LLAMA2_INT8_KERNEL": "amx"})
     err = assert_one_line_error(proc)
     assert "LLAMA2_INT8_KERNEL='amx'" in err
 
