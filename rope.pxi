@@ -20,6 +20,22 @@ cdef void rope_row(float* row, const float* table, int pos, int head_size) noexc
         row[head_dim + 1] = sinf(val)
 
 
+cdef void rope_rotate(float* vec, const float* row, int n, int head_size) noexcept nogil:
+    # forward()'s RoPE rotation of vec[0..n) (whole heads) by rope_row's cos and sin: the same
+    # products per pair as forward()'s loop, written head by head without its modulo and branch,
+    # so that gcc vectorizes it (forward_batch's RoPE, in that loop's form, took 5% of a prompt)
+    cdef int h, j
+    cdef float v0, v1
+    cdef float* head
+    for h in range(n // head_size):
+        head = vec + h * head_size
+        for j in range(0, head_size, 2):
+            v0 = head[j]
+            v1 = head[j + 1]
+            head[j] = v0 * row[j] - v1 * row[j + 1]
+            head[j + 1] = v0 * row[j + 1] + v1 * row[j]
+
+
 cdef object rope_table(header, const float** table):
     # the header's frequency table as an array that must stay alive while *table points into it;
     # None (and *table NULL) for run.c's RoPE

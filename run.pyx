@@ -630,14 +630,12 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     cdef int head_size = dim // p.n_heads
     cdef Py_ssize_t xs = bs.xb_stride, hs = bs.hb_stride
     cdef Py_ssize_t l, loff, bh
-    cdef int b, i, h, t, v, rotn, head_dim, pos, n_out
+    cdef int b, i, h, t, pos, n_out
     # attention runs on as many threads as team.pxi chose, one scratch row each. (Each token's own
     # steps stay on this thread: as parallel loops they took 1.5% off a prompt and added 6% to
     # a 15M decode, where starting a parallel region, even of one thread, costs about 1 us.)
     cdef int threads = min(bs.att_rows, team_max_threads())
-    cdef float fcr, fci, v0, v1
     cdef float* x
-    cdef float* vec
     cdef float* q
     cdef float* att
     cdef RunState* s
@@ -669,17 +667,8 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
         # RoPE as in forward(), each token at its position; then key and value into its KV cache
         for b in range(B):
             pos = batch[b].pos
-            for i in range(0, dim, 2):
-                head_dim = i % head_size
-                fcr = bs.rope[b * head_size + head_dim]
-                fci = bs.rope[b * head_size + head_dim + 1]
-                rotn = 2 if i < kv_dim else 1  # how many vectors? 2 = q & k, 1 = q only
-                for v in range(rotn):
-                    vec = bs.q + b * dim if v == 0 else bs.k + b * kv_dim
-                    v0 = vec[i]
-                    v1 = vec[i + 1]
-                    vec[i] = v0 * fcr - v1 * fci
-                    vec[i + 1] = v0 * fci + v1 * fcr
+            rope_rotate(bs.q + b * dim, bs.rope + b * head_size, dim, head_size)
+            rope_rotate(bs.k + b * kv_dim, bs.rope + b * head_size, kv_dim, head_size)
             s = batch[b].s
             memcpy(s.key_cache + loff + pos * kv_dim, bs.k + b * kv_dim, kv_dim * sizeof(float))
             memcpy(s.value_cache + loff + pos * kv_dim, bs.v + b * kv_dim, kv_dim * sizeof(float))
