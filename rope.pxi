@@ -36,6 +36,16 @@ cdef void rope_rotate(float* vec, const float* row, int n, int head_size) noexce
             head[j + 1] = v0 * row[j + 1] + v1 * row[j]
 
 
+cdef inline void rope_and_cache(float* q, float* k, const float* v, const float* row, float* key_slot,
+                                float* value_slot, int dim, Py_ssize_t kv_dim, int head_size) noexcept nogil:
+    # forward_batch's RoPE of one token (row: rope_row's at its position), then its key and value
+    # into their slots in its KV cache, as forward() does
+    rope_rotate(q, row, dim, head_size)
+    rope_rotate(k, row, kv_dim, head_size)
+    memcpy(key_slot, k, kv_dim * sizeof(float))
+    memcpy(value_slot, v, kv_dim * sizeof(float))
+
+
 cdef object rope_table(header, const float** table):
     # the header's frequency table as an array that must stay alive while *table points into it;
     # None (and *table NULL) for run.c's RoPE

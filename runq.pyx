@@ -1259,9 +1259,10 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
     cdef int widest = max(dim, hidden_dim)
     cdef Py_ssize_t l, loff, bh
     cdef int b, i, h, t, pos, n_out
-    # attention runs on as many threads as team.pxi chose, one scratch row each. (Each token's own
-    # steps stay on this thread: as parallel loops they took 1.5% off a prompt and added 6% to
-    # a 15M decode, where starting a parallel region, even of one thread, costs about 1 us.)
+    # attention runs on as many threads as team.pxi chose, one scratch row each, and so do a
+    # batch's longest per-token steps when it has THREADED_TOKENS tokens or more (team.pxi). The
+    # other per-token steps stay on this thread: as parallel loops they took 1.5% off a prompt and
+    # added 6% to a 15M decode, where starting a parallel region, even of one thread, costs ~1 us.
     cdef int threads = min(bs.att_rows, team_max_threads())
     cdef float* x
     cdef float* q
@@ -1291,13 +1292,18 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
 
         # RoPE as in forward(), each token at its position; then key and value into its KV cache
         loff = l * p.seq_len * kv_dim  # kv cache layer offset for convenience
-        for b in range(B):
-            pos = batch[b].pos
-            rope_rotate(bs.q + b * dim, bs.rope + b * head_size, dim, head_size)
-            rope_rotate(bs.k + b * kv_dim, bs.rope + b * head_size, kv_dim, head_size)
-            s = batch[b].s
-            memcpy(s.key_cache + loff + pos * kv_dim, bs.k + b * kv_dim, kv_dim * sizeof(float))
-            memcpy(s.value_cache + loff + pos * kv_dim, bs.v + b * kv_dim, kv_dim * sizeof(float))
+        # (a prompt's tokens on all threads: their writes are the cache's first, page faults
+        # that took 4% of a 110M prompt on one thread)
+        if B >= THREADED_TOKENS:
+            for b in prange(B, schedule="static", num_threads=threads):
+                rope_and_cache(bs.q + b * dim, bs.k + b * kv_dim, bs.v + b * kv_dim, bs.rope + b * head_size,
+                               batch[b].s.key_cache + loff + batch[b].pos * kv_dim,
+                               batch[b].s.value_cache + loff + batch[b].pos * kv_dim, dim, kv_dim, head_size)
+        else:
+            for b in range(B):
+                rope_and_cache(bs.q + b * dim, bs.k + b * kv_dim, bs.v + b * kv_dim, bs.rope + b * head_size,
+                               batch[b].s.key_cache + loff + batch[b].pos * kv_dim,
+                               batch[b].s.value_cache + loff + batch[b].pos * kv_dim, dim, kv_dim, head_size)
 
         # multihead attention as in forward(), over all heads of all tokens, dealt out one at a time
         # (in a prompt a later token attends to more positions: in halves, one thread got 3/4),
@@ -1334,8 +1340,12 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
         # w1(x) and w3(x), SwiGLU, w2
         matmul_batch3(bs, bs.xb, dim, GS, B, widest, packed, bs.hb, w.w1 + l, hidden_dim, bs.hb2, w.w3 + l,
                       hidden_dim, NULL, NULL, 0)
-        for b in range(B):
-            swiglu(bs.hb + b * hidden_dim, bs.hb2 + b * hidden_dim, hidden_dim)
+        if B >= THREADED_TOKENS:
+            for b in prange(B, schedule="static", num_threads=threads):
+                swiglu(bs.hb + b * hidden_dim, bs.hb2 + b * hidden_dim, hidden_dim)
+        else:
+            for b in range(B):
+                swiglu(bs.hb + b * hidden_dim, bs.hb2 + b * hidden_dim, hidden_dim)
         matmul_batch(bs.xb, bs, bs.hb, w.w2 + l, hidden_dim, dim, GS, B, widest, packed)
 
         # residual connection

@@ -38,6 +38,10 @@ DEF WIN = 0.8  # a trial wins when its mean step time is under WIN times the rec
 DEF FIRST_TRIAL = 16  # steps before the first trial, and before the first after a switch
 DEF FIRST_TRIAL_GAP = 128  # steps between trials at first, doubled after each loss
 DEF MAX_TRIAL_GAP = 512
+# forward_batch's per-token steps that take longest (RoPE and the KV cache's writes, SwiGLU) run
+# on all threads for a batch of at least this many tokens; a decode step's stay on the calling
+# thread, whose step is shorter than starting a parallel region
+DEF THREADED_TOKENS = 16
 
 cdef struct Team:
     int max_threads  # OMP_NUM_THREADS (or the cores); 0 until the first step
