@@ -23,9 +23,10 @@ BUILDS = {"ieee": (["-O3"], set()),
           "fast-avx2": (["-Ofast", "-march=haswell"], {"avx2", "fma", "bmi2", "movbe"}),
           "fast-avx512": (["-Ofast", "-march=skylake-avx512"], {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"})}
 # (n, d, B): columns with and without a tail of fewer than 16, row counts that are and are not
-# multiples of the tiles, batch sizes around the tile's 4 vectors
+# multiples of the tiles, batch sizes around the tile's 4 vectors; rows long enough to go in
+# chunks of columns (f32dot.h's F32_LONG_ROW) with the 8 groups of vectors or more that takes
 SHAPES = [(16, 4, 1), (100, 13, 7), (96, 8, 16), (773, 5, 9), (4, 3, 2), (300, 17, 33), (128, 37, 2),
-          (64, 48, 1)]
+          (64, 48, 1), (4100, 9, 37)]
 
 
 def cpu_flags():
