@@ -38,7 +38,7 @@ memory during the load, resident memory after it, and the peak of the decode's p
 round also decodes with the command line's default sampling (temperature 1, top-p 0.9), against
 the greedy decode: what sampling costs a token. runq alone at 7B and 13B (an fp32 7B would be
 27 GB); at SmolLM-360M and 1B, run too (when among --programs), on an fp32 file of the same
-weights (1.4 and 4.9 GB). Fewer rounds and steps by default (3 and 32). With --packed, runq's
+weights (1.4 and 4.9 GB): its decode, and its 128-token prompt against numpy's sgemm. Fewer rounds and steps by default (3 and 32). With --packed, runq's
 files have their matrices packed (export.py --packed; the same random values), which runq maps
 with no copy.
 """
@@ -427,26 +427,33 @@ def big_shapes(names, repeats, steps, packed=False):
 
 def big_fp32_shapes(names, repeats, steps):
     """run (fp32) at the big shapes whose fp32 file is written too (FP32_BIG): decode against the
-    same yardstick as runq's rows, with the same weights (the Q8_0 file's, dequantized)."""
-    print("\nBig shapes in fp32 (run on the same random weights, dequantized; numpy's yardstick as above):")
+    same yardstick as runq's rows, with the same weights (the Q8_0 file's, dequantized), and the
+    128-token prompt against numpy's sgemm on the shape's layers."""
+    print("\nBig shapes in fp32 (run on the same random weights, dequantized; numpy's yardsticks as above):")
     print("| shape | file | decode tok/s | GB/s | numpy sgemv GB/s | ratio | decode peak RSS | top-p 0.9 tok/s | "
-          "x greedy |")
-    print("| --- " * 9 + "|")
+          "x greedy | 128-token prompt tok/s | GFLOP/s | numpy sgemm GFLOP/s | ratio |")
+    print("| --- " * 13 + "|")
     med = statistics.median
     for name in names:
         model, tok = big_shape(name, fp32=True)
         nbytes = file_decode_bytes(model)
+        flops_per_token = 2 * sum(count * rows * cols for _, count, rows, cols in quantized_tensors(SHAPES[name], True)[1:])
         taken = []
         for _ in range(repeats):
             gbps = numpy_yardstick("sgemv", name, 8)
             decode = big_decode(model, tok, steps, program="run")
             sampled = big_decode(model, tok, steps, ("-t", "1", "-p", "0.9", "-s", "1"), program="run")
-            taken.append((gbps, decode, sampled))
+            gflops = numpy_yardstick("sgemm", name, PROMPT_TOKENS)
+            prefill = prefill_tok_s(COMMANDS["run"], model, tok)
+            taken.append((gbps, decode, sampled, gflops, prefill))
         gbps, tok_s, peak = med(t[0] for t in taken), med(t[1][0] for t in taken), med(t[1][1] for t in taken)
         ratio = med(t[1][0] * nbytes / 1e9 / t[0] for t in taken)
         sampled, sampled_ratio = med(t[2][0] for t in taken), med(t[2][0] / t[1][0] for t in taken)
+        gflops, prefill = med(t[3] for t in taken), med(t[4] for t in taken)
+        flop_ratio = med(t[4] * flops_per_token / 1e9 / t[3] for t in taken)
         print(f"| {name} | {os.path.getsize(model) / 1e9:.2f} GB | {tok_s:.2f} | {tok_s * nbytes / 1e9:.1f} | "
-              f"{gbps:.1f} | {ratio:.2f} | {peak / 1e9:.2f} GB | {sampled:.2f} | {sampled_ratio:.2f} |", flush=True)
+              f"{gbps:.1f} | {ratio:.2f} | {peak / 1e9:.2f} GB | {sampled:.2f} | {sampled_ratio:.2f} | "
+              f"{prefill:.1f} | {prefill * flops_per_token / 1e9:.0f} | {gflops:.0f} | {flop_ratio:.2f} |", flush=True)
 
 
 def gpu_peak_gbps():
