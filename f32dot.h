@@ -245,12 +245,19 @@ static inline __attribute__((always_inline)) void f32_tile_RxT(
     F32_STORE(0, 3) F32_STORE(1, 3) F32_STORE(2, 3) F32_STORE(3, 3)
 }
 
-/* one function per tile shape: inlined together into one, gcc keeps the running sums in memory */
+/* one function per tile shape: inlined together into one, gcc keeps the running sums in memory.
+ * f32_chunk_RxT takes columns j0 .. j1 - 1 (f32_tile_rows_shared); f32_tile_RxT all of them, its
+ * code what it was before chunks (with them, decode's tiles ran 1-2% slower) */
 #define F32_TILE_FUNCTION(R, T)                                                                  \
     static __attribute__((noinline)) void f32_tile_##R##x##T(                                   \
             float* out, size_t os, const float* x, size_t xs, const float* w, int n, int i0,    \
-            int b0, const float* prefetch_w, int j0, int j1, f32x16* acc) {                      \
-        f32_tile_RxT(out, os, x, xs, w, n, i0, b0, R, T, prefetch_w, j0, j1, acc);               \
+            int b0, const float* prefetch_w) {                                                   \
+        f32_tile_RxT(out, os, x, xs, w, n, i0, b0, R, T, prefetch_w, 0, n, NULL);                \
+    }                                                                                            \
+    static __attribute__((noinline)) void f32_chunk_##R##x##T(                                  \
+            float* out, size_t os, const float* x, size_t xs, const float* w, int n, int i0,    \
+            int b0, int j0, int j1, f32x16* acc) {                                               \
+        f32_tile_RxT(out, os, x, xs, w, n, i0, b0, R, T, NULL, j0, j1, acc);                     \
     }
 F32_TILE_FUNCTION(1, 1) F32_TILE_FUNCTION(1, 2)
 F32_TILE_FUNCTION(F32_TILE_ROWS, 1) F32_TILE_FUNCTION(F32_TILE_ROWS, 2)
@@ -260,60 +267,106 @@ F32_TILE_FUNCTION(F32_TILE_ROWS, 3) F32_TILE_FUNCTION(F32_TILE_ROWS, 4)
 #endif
 
 #define F32_TILE_CASE(R, T) \
-    case T: f32_tile_##R##x##T(out, os, x, xs, w, n, i0, b0, prefetch_w, j0, j1, acc); break;
+    case T: f32_tile_##R##x##T(out, os, x, xs, w, n, i0, b0, prefetch_w); break;
+#define F32_CHUNK_CASE(R, T) \
+    case T: f32_chunk_##R##x##T(out, os, x, xs, w, n, i0, b0, j0, j1, acc); break;
+
+static inline __attribute__((always_inline)) void f32_tile_call(
+        float* out, size_t os, const float* x, size_t xs, const float* w, int n, int i0, int b0,
+        const int R, int T, const float* prefetch_w) {
+    if (R == 1) {
+        switch (T) {
+            F32_TILE_CASE(1, 1) F32_TILE_CASE(1, 2)
+#if F32_TILE_VECS == 4
+            F32_TILE_CASE(1, 3) F32_TILE_CASE(1, 4)
+#endif
+        }
+    } else {
+        switch (T) {
+            F32_TILE_CASE(F32_TILE_ROWS, 1) F32_TILE_CASE(F32_TILE_ROWS, 2)
+#if F32_TILE_VECS == 4
+            F32_TILE_CASE(F32_TILE_ROWS, 3) F32_TILE_CASE(F32_TILE_ROWS, 4)
+#endif
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void f32_chunk_call(
+        float* out, size_t os, const float* x, size_t xs, const float* w, int n, int i0, int b0,
+        int R, int T, int j0, int j1, f32x16* acc) {
+    if (R == 1) {
+        switch (T) {
+            F32_CHUNK_CASE(1, 1) F32_CHUNK_CASE(1, 2)
+#if F32_TILE_VECS == 4
+            F32_CHUNK_CASE(1, 3) F32_CHUNK_CASE(1, 4)
+#endif
+        }
+    } else {
+        switch (T) {
+            F32_CHUNK_CASE(F32_TILE_ROWS, 1) F32_CHUNK_CASE(F32_TILE_ROWS, 2)
+#if F32_TILE_VECS == 4
+            F32_CHUNK_CASE(F32_TILE_ROWS, 3) F32_CHUNK_CASE(F32_TILE_ROWS, 4)
+#endif
+        }
+    }
+}
+
+/* f32_tile_rows with 8 groups of vectors or more (a prompt), and rows after these to fetch.
+ *
+ * Each group fetches its share of the next R rows before its pass. All in the first pass (as
+ * f32_tile_rows does with fewer groups), they came too late from memory, and a prompt's products
+ * ran 10% slower with weights from memory than from L3 (one core, 768 x 768, 128 vectors: 98 vs
+ * 109 GFLOP/s; shared out, 109 from memory). Fewer than 8 groups ran faster the first way (8
+ * vectors: 39 vs 33).
+ *
+ * Long rows also go F32_CHUNK columns at a time, each group's running sums kept in sums between
+ * chunks (stored and loaded as they are: the same arithmetic). 4 rows of 8192 columns (1B's w2)
+ * are 128 KB, read again from L2 for every group; a chunk's 16 KB stay in L1 (one core, 128
+ * vectors: 83 -> 92 GFLOP/s; the 1B fp32 prompt on 2 threads, alternating 5 rounds: 86.6 -> 88.6
+ * tok/s). Rows of 2048 gained on their own, but not in a 110M prompt (w2 3% slower), so they
+ * stay whole. (This function, and the tile functions for chunks, stand apart from decode's: in
+ * its loop they made decode 5-10% slower.) */
+static __attribute__((noinline)) void f32_tile_rows_shared(
+        float* out, size_t os, const float* x, size_t xs, const float* w, int n, int B, int i0,
+        const int R, const float* next, int groups) {
+    const size_t lines = ((size_t)R * n + 15) / 16;  /* of 64 bytes (R rows are contiguous) */
+    const size_t share = (lines + groups - 1) / groups;
+    size_t fetched = 0;
+    const int chunk = n >= F32_LONG_ROW && groups <= 64 ? F32_CHUNK : n;  /* sums <= 64 KB */
+    f32x16 sums[chunk < n ? groups : 1][16];
+    int b0, j0, j1;
+    for (j0 = 0; j0 < n; j0 = j1) {
+        j1 = n - j0 > chunk ? j0 + chunk : n;
+        for (b0 = 0; b0 < B; b0 += F32_TILE_VECS) {
+            int T = B - b0 < F32_TILE_VECS ? B - b0 : F32_TILE_VECS;
+            if (j0 == 0) {
+                size_t end = fetched + share < lines ? fetched + share : lines;
+                for (; fetched < end; fetched++)
+                    F32_PREFETCH(next + fetched * 16);
+            }
+            if (chunk == n)
+                f32_tile_call(out, os, x, xs, w, n, i0, b0, R, T, NULL);
+            else
+                f32_chunk_call(out, os, x, xs, w, n, i0, b0, R, T, j0, j1, sums[b0 / F32_TILE_VECS]);
+        }
+    }
+}
 
 static inline __attribute__((always_inline)) void f32_tile_rows(
         float* out, size_t os, const float* x, size_t xs, const float* w, int n, int d, int B,
         int i0, const int R) {
-    /* The next R rows are fetched while these are multiplied. With few groups of vectors, the
-     * first group's pass fetches them all, a few lines a step. With many (a prompt), each group
-     * fetches its share before its pass: all in the first pass, they came too late from memory,
-     * and a prompt's products ran 10% slower with weights from memory than from L3 (one core,
-     * 768 x 768, 128 vectors: 98 vs 109 GFLOP/s; shared out, 109 from memory). Fewer than 8
-     * groups ran faster the first way (8 vectors: 39 vs 33). */
-    const float* next = i0 + 2 * R <= d ? w + (size_t)(i0 + R) * n : NULL;
+    /* the next R rows are fetched while the first group of vectors passes over these */
+    const float* prefetch_w = i0 + 2 * R <= d ? w + (size_t)(i0 + R) * n : NULL;
     const int groups = (B + F32_TILE_VECS - 1) / F32_TILE_VECS;
-    const int shared_out = next && groups >= 8;
-    const float* prefetch_w = shared_out ? NULL : next;
-    const size_t lines = ((size_t)R * n + 15) / 16;  /* of 64 bytes (R rows are contiguous) */
-    const size_t share = shared_out ? (lines + groups - 1) / groups : 0;
-    size_t fetched = 0;
-    /* With many groups, long rows also go F32_CHUNK columns at a time, each group's running sums
-     * kept in sums between chunks (stored and loaded as they are: the same arithmetic). 4 rows of
-     * 8192 columns (1B's w2) are 128 KB, read again from L2 for every group; a chunk's 16 KB stay
-     * in L1 (one core, 128 vectors: 83 -> 92 GFLOP/s; the 1B fp32 prompt on 2 threads, alternating
-     * 5 rounds: 86.6 -> 88.6 tok/s). Rows of 2048 gained on their own, but not in a 110M prompt
-     * (w2 3% slower), so they stay whole. */
-    const int chunk = shared_out && n >= F32_LONG_ROW && groups <= 64 ? F32_CHUNK : n;  /* sums <= 64 KB */
-    f32x16 sums[chunk < n ? groups : 1][16];
-    int b0, j0, j1;
-    for (j0 = 0; j0 < n; j0 = j1) {
-      j1 = n - j0 > chunk ? j0 + chunk : n;
-      for (b0 = 0; b0 < B; b0 += F32_TILE_VECS) {
+    int b0;
+    if (prefetch_w && groups >= 8) {
+        f32_tile_rows_shared(out, os, x, xs, w, n, B, i0, R, prefetch_w, groups);
+        return;
+    }
+    for (b0 = 0; b0 < B; b0 += F32_TILE_VECS) {
         int T = B - b0 < F32_TILE_VECS ? B - b0 : F32_TILE_VECS;
-        f32x16* acc = sums[chunk < n ? b0 / F32_TILE_VECS : 0];
-        if (shared_out && j0 == 0) {
-            size_t end = fetched + share < lines ? fetched + share : lines;
-            for (; fetched < end; fetched++)
-                F32_PREFETCH(next + fetched * 16);
-        }
-        if (R == 1) {
-            switch (T) {
-                F32_TILE_CASE(1, 1) F32_TILE_CASE(1, 2)
-#if F32_TILE_VECS == 4
-                F32_TILE_CASE(1, 3) F32_TILE_CASE(1, 4)
-#endif
-            }
-        } else {
-            switch (T) {
-                F32_TILE_CASE(F32_TILE_ROWS, 1) F32_TILE_CASE(F32_TILE_ROWS, 2)
-#if F32_TILE_VECS == 4
-                F32_TILE_CASE(F32_TILE_ROWS, 3) F32_TILE_CASE(F32_TILE_ROWS, 4)
-#endif
-            }
-        }
+        f32_tile_call(out, os, x, xs, w, n, i0, b0, R, T, prefetch_w);
         prefetch_w = NULL;
-      }
     }
 }
 
