@@ -266,14 +266,19 @@ F32_TILE_FUNCTION(1, 3) F32_TILE_FUNCTION(1, 4)
 F32_TILE_FUNCTION(F32_TILE_ROWS, 3) F32_TILE_FUNCTION(F32_TILE_ROWS, 4)
 #endif
 
-#define F32_TILE_CASE(R, T) \
-    case T: f32_tile_##R##x##T(out, os, x, xs, w, n, i0, b0, prefetch_w); break;
-#define F32_CHUNK_CASE(R, T) \
-    case T: f32_chunk_##R##x##T(out, os, x, xs, w, n, i0, b0, j0, j1, acc); break;
+/* the tile function for R rows and T vectors: f32_chunk_RxT (columns j0 .. j1 - 1, the running
+ * sums in acc) where chunked, f32_tile_RxT (all columns) elsewhere */
+#define F32_TILE_CASE(R, T)                                                              \
+    case T:                                                                              \
+        if (chunked)                                                                     \
+            f32_chunk_##R##x##T(out, os, x, xs, w, n, i0, b0, j0, j1, acc);              \
+        else                                                                             \
+            f32_tile_##R##x##T(out, os, x, xs, w, n, i0, b0, prefetch_w);                \
+        break;
 
 static inline __attribute__((always_inline)) void f32_tile_call(
         float* out, size_t os, const float* x, size_t xs, const float* w, int n, int i0, int b0,
-        const int R, int T, const float* prefetch_w) {
+        int R, int T, const float* prefetch_w, const int chunked, int j0, int j1, f32x16* acc) {
     if (R == 1) {
         switch (T) {
             F32_TILE_CASE(1, 1) F32_TILE_CASE(1, 2)
@@ -286,26 +291,6 @@ static inline __attribute__((always_inline)) void f32_tile_call(
             F32_TILE_CASE(F32_TILE_ROWS, 1) F32_TILE_CASE(F32_TILE_ROWS, 2)
 #if F32_TILE_VECS == 4
             F32_TILE_CASE(F32_TILE_ROWS, 3) F32_TILE_CASE(F32_TILE_ROWS, 4)
-#endif
-        }
-    }
-}
-
-static inline __attribute__((always_inline)) void f32_chunk_call(
-        float* out, size_t os, const float* x, size_t xs, const float* w, int n, int i0, int b0,
-        int R, int T, int j0, int j1, f32x16* acc) {
-    if (R == 1) {
-        switch (T) {
-            F32_CHUNK_CASE(1, 1) F32_CHUNK_CASE(1, 2)
-#if F32_TILE_VECS == 4
-            F32_CHUNK_CASE(1, 3) F32_CHUNK_CASE(1, 4)
-#endif
-        }
-    } else {
-        switch (T) {
-            F32_CHUNK_CASE(F32_TILE_ROWS, 1) F32_CHUNK_CASE(F32_TILE_ROWS, 2)
-#if F32_TILE_VECS == 4
-            F32_CHUNK_CASE(F32_TILE_ROWS, 3) F32_CHUNK_CASE(F32_TILE_ROWS, 4)
 #endif
         }
     }
@@ -345,9 +330,9 @@ static __attribute__((noinline)) void f32_tile_rows_shared(
                     F32_PREFETCH(next + fetched * 16);
             }
             if (chunk == n)
-                f32_tile_call(out, os, x, xs, w, n, i0, b0, R, T, NULL);
+                f32_tile_call(out, os, x, xs, w, n, i0, b0, R, T, NULL, 0, 0, n, NULL);
             else
-                f32_chunk_call(out, os, x, xs, w, n, i0, b0, R, T, j0, j1, sums[b0 / F32_TILE_VECS]);
+                f32_tile_call(out, os, x, xs, w, n, i0, b0, R, T, NULL, 1, j0, j1, sums[b0 / F32_TILE_VECS]);
         }
     }
 }
@@ -365,7 +350,7 @@ static inline __attribute__((always_inline)) void f32_tile_rows(
     }
     for (b0 = 0; b0 < B; b0 += F32_TILE_VECS) {
         int T = B - b0 < F32_TILE_VECS ? B - b0 : F32_TILE_VECS;
-        f32_tile_call(out, os, x, xs, w, n, i0, b0, R, T, prefetch_w);
+        f32_tile_call(out, os, x, xs, w, n, i0, b0, R, T, prefetch_w, 0, 0, n, NULL);
         prefetch_w = NULL;
     }
 }
