@@ -1292,18 +1292,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
 
         # RoPE as in forward(), each token at its position; then key and value into its KV cache
         loff = l * p.seq_len * kv_dim  # kv cache layer offset for convenience
-        # (a prompt's tokens on all threads: their writes are the cache's first, page faults
-        # that took 4% of a 110M prompt on one thread)
-        if B >= THREADED_TOKENS:
-            for b in prange(B, schedule="static", num_threads=threads):
-                rope_and_cache(bs.q + b * dim, bs.k + b * kv_dim, bs.v + b * kv_dim, bs.rope + b * head_size,
-                               batch[b].s.key_cache + loff + batch[b].pos * kv_dim,
-                               batch[b].s.value_cache + loff + batch[b].pos * kv_dim, dim, kv_dim, head_size)
-        else:
-            for b in range(B):
-                rope_and_cache(bs.q + b * dim, bs.k + b * kv_dim, bs.v + b * kv_dim, bs.rope + b * head_size,
-                               batch[b].s.key_cache + loff + batch[b].pos * kv_dim,
-                               batch[b].s.value_cache + loff + batch[b].pos * kv_dim, dim, kv_dim, head_size)
+        rope_and_cache_batch(bs, batch, B, loff, dim, kv_dim, head_size, threads)
 
         # multihead attention as in forward(), over all heads of all tokens, dealt out one at a time
         # (in a prompt a later token attends to more positions: in halves, one thread got 3/4),
