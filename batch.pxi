@@ -20,6 +20,18 @@ cdef void rope_and_cache_batch(BatchState* bs, BatchEntry* batch, int B, Py_ssiz
                            batch[b].s.key_cache + loff + batch[b].pos * kv_dim,
                            batch[b].s.value_cache + loff + batch[b].pos * kv_dim, dim, kv_dim, head_size)
 
+cdef void swiglu_batch(float* hb, const float* hb2, Py_ssize_t stride, int hidden_dim, int B,
+                       int threads) noexcept nogil:
+    # forward_batch's SwiGLU for B tokens (token b's at b * stride): on all threads for a batch of
+    # THREADED_TOKENS or more, as rope_and_cache_batch
+    cdef int b
+    if B >= THREADED_TOKENS:
+        for b in prange(B, schedule="static", num_threads=threads):
+            swiglu(hb + b * stride, hb2 + b * stride, hidden_dim)
+    else:
+        for b in range(B):
+            swiglu(hb + b * stride, hb2 + b * stride, hidden_dim)
+
 # Every batch goes through this pointer, not a direct call. Called directly with a constant batch
 # size (forward_next's 1), gcc compiles a copy of forward_batch for that size, and under -Ofast
 # that copy may round differently (its loops vectorized another way): the same token would get

@@ -703,12 +703,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
         # w1(x) and w3(x), SwiGLU, w2
         matmul_batch3(bs.xb, xs, dim, B, bs.hb, hs, w.w1 + l * dim * hidden_dim, hidden_dim,
                       bs.hb2, hs, w.w3 + l * dim * hidden_dim, hidden_dim, NULL, 0, NULL, 0)
-        if B >= THREADED_TOKENS:
-            for b in prange(B, schedule="static", num_threads=threads):
-                swiglu(bs.hb + b * hs, bs.hb2 + b * hs, hidden_dim)
-        else:
-            for b in range(B):
-                swiglu(bs.hb + b * hs, bs.hb2 + b * hs, hidden_dim)
+        swiglu_batch(bs.hb, bs.hb2, hs, hidden_dim, B, threads)
         matmul_batch(bs.xb, xs, bs.hb, hs, w.w2 + l * dim * hidden_dim, hidden_dim, dim, B)
 
         # residual connection

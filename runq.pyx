@@ -1329,12 +1329,7 @@ cdef void forward_batch(Transformer transformer, BatchState* bs, BatchEntry* bat
         # w1(x) and w3(x), SwiGLU, w2
         matmul_batch3(bs, bs.xb, dim, GS, B, widest, packed, bs.hb, w.w1 + l, hidden_dim, bs.hb2, w.w3 + l,
                       hidden_dim, NULL, NULL, 0)
-        if B >= THREADED_TOKENS:
-            for b in prange(B, schedule="static", num_threads=threads):
-                swiglu(bs.hb + b * hidden_dim, bs.hb2 + b * hidden_dim, hidden_dim)
-        else:
-            for b in range(B):
-                swiglu(bs.hb + b * hidden_dim, bs.hb2 + b * hidden_dim, hidden_dim)
+        swiglu_batch(bs.hb, bs.hb2, hidden_dim, hidden_dim, B, threads)
         matmul_batch(bs.xb, bs, bs.hb, w.w2 + l, hidden_dim, dim, GS, B, widest, packed)
 
         # residual connection
