@@ -1,6 +1,7 @@
 # Included by run.pyx and runq.pyx after their forward_batch (written once: it has no twin in the
-# C, and is the same for both): a step of forward_batch that both share, and the drivers that feed
-# tokens through forward_batch, for the Transformer's forward and forward_prompt, generate and chat.
+# C, and is the same for both): two steps of forward_batch that both share, and the drivers that
+# feed tokens through forward_batch, for the Transformer's forward and forward_prompt, generate
+# and chat.
 
 cdef void rope_and_cache_batch(BatchState* bs, BatchEntry* batch, int B, Py_ssize_t loff, int dim,
                                Py_ssize_t kv_dim, int head_size, int threads) noexcept nogil:

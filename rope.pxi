@@ -23,7 +23,7 @@ cdef void rope_row(float* row, const float* table, int pos, int head_size) noexc
 cdef void rope_rotate(float* vec, const float* row, int n, int head_size) noexcept nogil:
     # forward()'s RoPE rotation of vec[0..n) (whole heads) by rope_row's cos and sin: the same
     # products per pair as forward()'s loop, written head by head without its modulo and branch,
-    # so that gcc vectorizes it (forward_batch's RoPE, in that loop's form, took 5% of a prompt)
+    # so that gcc vectorizes it (in that loop's form, 1.5 ms of a 110M prompt's 135; this, 0.3)
     cdef int h, j
     cdef float v0, v1
     cdef float* head
