@@ -247,7 +247,8 @@ static inline __attribute__((always_inline)) void f32_tile_RxT(
 
 /* one function per tile shape: inlined together into one, gcc keeps the running sums in memory.
  * f32_chunk_RxT takes columns j0 .. j1 - 1 (f32_tile_rows_shared); f32_tile_RxT all of them, its
- * code what it was before chunks (with them, decode's tiles ran 1-2% slower) */
+ * code what it was before chunks (decode through the chunked ones measured 1.5% slower in one
+ * alternating run, near the noise: not worth it where nothing is chunked) */
 #define F32_TILE_FUNCTION(R, T)                                                                  \
     static __attribute__((noinline)) void f32_tile_##R##x##T(                                   \
             float* out, size_t os, const float* x, size_t xs, const float* w, int n, int i0,    \

@@ -38,9 +38,9 @@ memory during the load, resident memory after it, and the peak of the decode's p
 round also decodes with the command line's default sampling (temperature 1, top-p 0.9), against
 the greedy decode: what sampling costs a token. runq alone at 7B and 13B (an fp32 7B would be
 27 GB); at SmolLM-360M and 1B, run too (when among --programs), on an fp32 file of the same
-weights (1.4 and 4.9 GB): its decode, and its 128-token prompt against numpy's sgemm. Fewer rounds and steps by default (3 and 32). With --packed, runq's
-files have their matrices packed (export.py --packed; the same random values), which runq maps
-with no copy.
+weights (1.4 and 4.9 GB): its decode, and its 128-token prompt against numpy's sgemm. Fewer
+rounds and steps by default (3 and 32). With --packed, runq's files have their matrices packed
+(export.py --packed; the same random values), which runq maps with no copy.
 """
 import argparse
 import contextlib
@@ -379,6 +379,12 @@ def big_decode(model, tokenizer, steps, sampling=("-t", "0"), program="runq"):
     return float(re.search(r"achieved tok/s: ([0-9.]+)", stderr).group(1)), peak
 
 
+def layer_flops(config):
+    """A prompt token's FLOPs in the layers' matrices (2 x rows x columns each), what numpy's sgemm
+    yardstick counts: the classifier runs for the prompt's last token only."""
+    return 2 * sum(count * rows * cols for _, count, rows, cols in quantized_tensors(config, True)[1:])
+
+
 def big_shapes(names, repeats, steps, packed=False):
     """The big shapes' rows for runq (see the docstring)."""
     kernel = int8_kernel()
@@ -394,8 +400,7 @@ def big_shapes(names, repeats, steps, packed=False):
         file_bytes = os.path.getsize(q80)
         nbytes = file_decode_bytes(q80)
         c = SHAPES[name]
-        # the layers' matrices (the classifier runs for the prompt's last token only)
-        flops_per_token = 2 * sum(count * rows * cols for _, count, rows, cols in quantized_tensors(c, True)[1:])
+        flops_per_token = layer_flops(c)
         taken = []
         for _ in range(repeats):
             load = load_probe(q80)
@@ -437,7 +442,7 @@ def big_fp32_shapes(names, repeats, steps):
     for name in names:
         model, tok = big_shape(name, fp32=True)
         nbytes = file_decode_bytes(model)
-        flops_per_token = 2 * sum(count * rows * cols for _, count, rows, cols in quantized_tensors(SHAPES[name], True)[1:])
+        flops_per_token = layer_flops(SHAPES[name])
         taken = []
         for _ in range(repeats):
             gbps = numpy_yardstick("sgemv", name, 8)
