@@ -1891,7 +1891,7 @@ cdef int sample_topp(const float* probabilities, int n, float topp, ProbIndex* p
             return probindex[i].index
     return probindex[last_idx].index  # in case of rounding errors
 
-include "topp.pxi"  # sample_topp_fast: sample_topp's token without the qsort
+include "sampling.pxi"  # sample_argmax_fast and sample_topp_fast: run.c's token, sooner
 
 cdef build_sampler(Sampler sampler, int vocab_size, float temperature, float topp,
                    unsigned long long rng_seed):
@@ -1926,8 +1926,9 @@ cdef int sample(Sampler sampler, float* logits) noexcept:
     cdef int next, q
     cdef float coin
     if sampler.temperature == 0.0:
-        # greedy argmax sampling: take the token with the highest probability
-        next = sample_argmax(logits, sampler.vocab_size)
+        # greedy argmax sampling: take the token with the highest probability (sample_argmax's,
+        # 16 logits at a time: sampling.pxi says why)
+        next = sample_argmax_fast(logits, sampler.vocab_size)
     else:
         # apply the temperature to the logits
         if is_infinite(sampler.temperature):
@@ -1951,7 +1952,7 @@ cdef int sample(Sampler sampler, float* logits) noexcept:
             next = sample_mult(logits, sampler.vocab_size, coin)
         else:
             # top-p (nucleus) sampling, clamping the least likely tokens to zero (runq.c's
-            # sample_topp gives the same token; topp.pxi says why this one)
+            # sample_topp gives the same token; sampling.pxi says why this one)
             next = sample_topp_fast(logits, sampler.vocab_size, sampler.topp, sampler.probindex, coin)
     return next
 

@@ -114,6 +114,16 @@ def top_p(prog, n, seed):
     return [fast, reference]
 
 
+def argmax(prog, cases):
+    """Greedy sampling's token for each case's float32 values (JSON has no NaN or infinity:
+    their names, as strings): [sample_argmax_fast's tokens, run.c's sample_argmax's]."""
+    import numpy as np
+    engine = importlib.import_module(f"{prog}._{prog}")
+    arrays = [np.array([float(v) for v in case], np.float32) for case in cases]
+    return [[engine.sample_argmax_of(a) for a in arrays],
+            [engine.sample_argmax_of(a, reference=True) for a in arrays]]
+
+
 def int8_kernel():
     """Which of q8matmul.h's paths runq's build compiled."""
     return importlib.import_module("runq").INT8_KERNEL

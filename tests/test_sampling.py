@@ -1,8 +1,9 @@
 """Issue 12, sampling at the edges (the sampler sections of run.pyx and runq.pyx): an infinite
 temperature samples uniformly as run.c built with -O3 does (with -Ofast the division by inf gave
 NaN logits and <unk> forever), and a top-p cut-off that leaves no candidate picks the nucleus's
-one token instead of reading before the array (run.c's bug). And top-p sampling without qsort
-(topp.pxi) draws run.c's token on every kind of distribution."""
+one token instead of reading before the array (run.c's bug). And the fast samplers of
+sampling.pxi, greedy 16 logits at a time and top-p without qsort, take run.c's token on every
+kind of distribution."""
 import subprocess
 import sys
 
@@ -98,7 +99,74 @@ def test_cli_infinite_temperature_prints_uniform_tokens(prog, temperature):
 
 
 # ----------------------------------------------------------------------------
-# top-p: sample() draws with topp.pxi's sample_topp_fast, which must return the token of run.c's
+# greedy: sample() at temperature 0 takes sampling.pxi's sample_argmax_fast, which must return
+# run.c's sample_argmax's index (the first of the largest) for every row of logits
+
+def argmax_cases(rng):
+    """(name, float32 values) of many kinds: every length around the 16-value steps, the largest
+    first, last, tied, at a step's edge, and values no softmax gives."""
+    for n in (1, 2, 15, 16, 17, 31, 32, 33, 48, 511, 32000, 128256):
+        yield f"normal {n}", rng.standard_normal(n).astype(np.float32)
+    rising = np.arange(1000, dtype=np.float32)  # a larger value in every step: the slow path
+    yield "rising", rising
+    yield "falling", rising[::-1].copy()  # the first is the largest
+    tied = np.round(rng.standard_normal(32000)).astype(np.float32)
+    yield "tied", tied  # the first of many equal largest
+    yield "all equal", np.full(100, np.float32(-3))
+    for position in (0, 1, 15, 16, 17, 31999):
+        values = rng.standard_normal(32000).astype(np.float32)
+        values[position] = 10
+        values[position + 1 if position < 31999 else 3] = 10  # tied with a later (or earlier) one
+        yield f"largest at {position}", values
+    odd = rng.standard_normal(100).astype(np.float32)
+    odd[[5, 50]] = np.inf
+    yield "infinity", odd
+    yield "all -infinity", np.full(40, -np.inf, np.float32)
+    low = np.full(40, np.float32(-1e38))
+    low[33] = -np.inf
+    yield "-infinity among the lowest", low
+
+
+def nan_cases(rng):
+    """Rows with NaN, as JSON-safe lists (in_build's argmax): C's > is false beside a NaN, so
+    run.c's loop passes over them, and an all-NaN row (or one that starts with NaN) gives 0."""
+    values = [float(v) for v in rng.standard_normal(100).astype(np.float32)]
+    with_nan = list(values)
+    for i in (3, 40, 99):
+        with_nan[i] = "nan"
+    first_nan = ["nan"] + values[1:]
+    return [with_nan, first_nan, ["nan"] * 40, values[:20] + ["nan"] * 20 + ["inf"] + values[:3]]
+
+
+@pytest.mark.parametrize("engine", ENGINES.values(), ids=ENGINES)
+def test_fast_argmax_takes_what_run_c_takes(engine):
+    rng = np.random.default_rng(5)
+    for name, values in argmax_cases(rng):
+        expected = engine.sample_argmax_of(values, reference=True)
+        assert engine.sample_argmax_of(values) == expected, name
+        finite = values[np.isfinite(values)]
+        if len(finite) == len(values):
+            assert expected == int(np.argmax(values)), name  # numpy's too: the first largest
+
+
+@pytest.mark.parametrize("module", MODULES.values(), ids=MODULES)
+def test_greedy_sampler_takes_the_first_largest(module):
+    logits = np.random.default_rng(6).standard_normal(32000).astype(np.float32)
+    logits[[7000, 20000]] = logits.max() + 1
+    assert module.Sampler(32000, 0.0, 0.9, 1).sample(logits) == 7000
+
+
+@pytest.mark.parametrize("prog", MODULES)
+def test_fast_argmax_with_nan_in_the_exact_build(prog):
+    """NaN, in the IEEE build (make run's flags), where C's comparisons with NaN are defined: the
+    fast build assumes there is none."""
+    fast, reference = in_build("exact", "argmax", prog=prog, cases=nan_cases(np.random.default_rng(7)))
+    assert fast == reference
+    assert reference[1:3] == [0, 0]
+
+
+# ----------------------------------------------------------------------------
+# top-p: sample() draws with sampling.pxi's sample_topp_fast, which must return the token of run.c's
 # sample_topp (qsort and all) for every distribution, topp and coin
 
 def softmax32(logits):
