@@ -401,6 +401,12 @@ cdef void quantize(QuantizedTensor* qx, const float* x, int n, int GS) noexcept 
     cdef int group, i, group_len
     cdef float wmax, val, scale, quant_value
     cdef int8_t quantized
+    # not in runq.c: the output pointers held in locals. A store through an int8_t pointer may
+    # change any memory, qx.q itself included, so gcc read qx.q again for every value and kept the
+    # loop scalar (runq.c's too); with locals it vectorizes the same arithmetic, the same bits, 4x
+    # faster (4.5% of an int8 prompt, 2-3% of a decode step, were this loop)
+    cdef int8_t* q = qx.q
+    cdef float* s = qx.s
 
     for group in range(num_groups):
         group_len = min(GS, n - group * GS)
@@ -414,7 +420,7 @@ cdef void quantize(QuantizedTensor* qx, const float* x, int n, int GS) noexcept 
 
         # calculate and write the scaling factor
         scale = wmax / Q_MAX
-        qx.s[group] = scale
+        s[group] = scale
 
         # calculate and write the quantized values
         for i in range(group_len):
@@ -422,7 +428,7 @@ cdef void quantize(QuantizedTensor* qx, const float* x, int n, int GS) noexcept 
             # runq.c divides 0 by 0 for an all-zero group and casts the NaN to int8_t (undefined
             # behaviour; 0 on x86): such a group quantizes to 0 here, on every machine
             quantized = <int8_t>roundf(quant_value) if scale != 0 else 0  # round and clamp
-            qx.q[group * GS + i] = quantized
+            q[group * GS + i] = quantized
 
 cdef QuantizedTensor* init_quantized_tensors(char** ptr, int n, Py_ssize_t size_each, int GS) except NULL:
     # initialize `n` x quantized tensor (with `size_each` elements), starting from memory pointed at *ptr
