@@ -404,7 +404,7 @@ cdef void quantize(QuantizedTensor* qx, const float* x, int n, int GS) noexcept 
     # not in runq.c: the output pointers held in locals. A store through an int8_t pointer may
     # change any memory, qx.q itself included, so gcc read qx.q again for every value and kept the
     # loop scalar (runq.c's too); with locals it vectorizes the same arithmetic, the same bits, 4x
-    # faster (4.5% of an int8 prompt, 2-3% of a decode step, were this loop)
+    # faster (this loop was 4.5% of an int8 prompt's work, 1% of a 110M decode step)
     cdef int8_t* q = qx.q
     cdef float* s = qx.s
 
