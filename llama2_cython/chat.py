@@ -20,6 +20,7 @@ does.
 import datetime
 import json
 import os
+import threading
 from collections import namedtuple
 
 from . import LlamaError
@@ -431,12 +432,26 @@ class Conversation:
         self.full = False  # steps ran out: the conversation can go no further
         self.turn_ended = False  # the last reply ended at an end-of-turn id
         self.unfit = 0  # the length of a prompt that did not fit in steps (0: every one fit)
+        # held while a reply is being read: a turn rewinds and overwrites the KV cache and
+        # self.tokens, so a second turn between the first's tokens would put them at its positions
+        self._turn = threading.Lock()
 
     def respond(self, messages):
         """Yields the reply's token ids as they are sampled. It ends at an end-of-turn id (not
         yielded; fed into the cache, as run.c feeds EOS, when a position is left for it:
         self.turn_ended), or when steps run out (self.full; also when the prompt itself does
-        not fit)."""
+        not fit). One turn at a time: a reply started while another's is still being read
+        (interleaved, or in another thread) is refused with LlamaError before it touches
+        anything; finish or close() the first."""
+        if not self._turn.acquire(blocking=False):
+            raise LlamaError("this conversation is still answering another message: finish or "
+                             "close() that reply first")
+        try:
+            yield from self._respond(messages)
+        finally:
+            self._turn.release()
+
+    def _respond(self, messages):
         self.turn_ended = False
         ids = self.format.prompt(messages).ids
         if not ids:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import types
 
 import numpy as np
@@ -394,6 +395,36 @@ def test_conversation_keeps_the_shared_prefix_and_stops(smollm):
     list(conversation.respond(messages))
     assert model.feeds[6] == (common, third[common:])
     assert [model.cache[p] for p in range(len(third))] == third
+
+
+def test_one_turn_at_a_time(smollm):
+    """A second turn while the first's reply is being read would rewind the cache under it: it is
+    refused, the first goes on as if alone, and once it is closed the next turn runs."""
+    form = chat.TemplateFormat.of(smollm)
+    hi, there, im_end = 6057, 665, 2
+    model = ScriptedModel(smollm.vocab_size, [hi, there, im_end, 0, there, im_end])
+    conversation = chat.Conversation(model, form, run.Sampler(smollm.vocab_size, 0.0, 0.9, 1), 256)
+    messages = [{"role": "user", "content": "Hello world"}]
+    first = conversation.respond(messages)
+    assert next(first) == hi
+    other = [{"role": "user", "content": "Something else"}]
+    with pytest.raises(LlamaError, match="still answering"):
+        next(conversation.respond(other))
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(
+        pytest.raises(LlamaError, list, conversation.respond(other))))
+    thread.start()
+    thread.join()
+    assert len(errors) == 1
+    assert list(first) == [there]
+    prompt = form.prompt(messages).ids
+    assert conversation.tokens == prompt + [hi, there, im_end]
+    assert [model.cache[p] for p in range(len(conversation.tokens))] == conversation.tokens
+    # a reply left unfinished: closed, the next turn runs
+    second = conversation.respond(other)
+    assert next(second) == there
+    second.close()
+    assert list(conversation.respond(other)) == []  # the script's <|im_end|>
 
 
 def test_an_interrupted_feed_leaves_no_stale_tokens(smollm):
