@@ -59,9 +59,10 @@ cdef float* forward_next(Transformer transformer, int token, int pos) noexcept n
     forward_pass(transformer, &transformer.batch, &entry, 1)
     return transformer.batch.logits
 
-cdef void forward_prompt(Transformer transformer, const int* tokens, int n, int pos,
+cdef void forward_prompt(Transformer transformer, BatchState* bs, const int* tokens, int n, int pos,
                          bint all_logits) noexcept nogil:
-    # tokens[0..n) at positions pos.. on the transformer's own run state, MAX_BATCH at a time.
+    # tokens[0..n) at positions pos.. on the transformer's own run state, MAX_BATCH at a time,
+    # through the batch state bs (the transformer's own, or generate_batch's for its sequences).
     # The last token's logits go to its state (s.logits), as n calls of forward() leave them; with
     # all_logits (n <= MAX_LOGITS), every token's logits stay in the batch state's rows instead
     cdef BatchEntry batch[MAX_BATCH]
@@ -73,21 +74,24 @@ cdef void forward_prompt(Transformer transformer, const int* tokens, int n, int 
             batch[b].token = tokens[start + b]
             batch[b].pos = pos + start + b
             batch[b].want_logits = all_logits or start + b == n - 1
-        forward_pass(transformer, &transformer.batch, batch, B)
+        forward_pass(transformer, bs, batch, B)
         start += B
     if not all_logits:
-        memcpy(transformer.state.logits, transformer.batch.logits,
+        memcpy(transformer.state.logits, bs.logits,
                transformer.c_config.vocab_size * sizeof(float))
 
-cdef int prefill(transformer, list tokens, int n) except -1:
+cdef int prefill(transformer, list tokens, int n, Transformer through=None) except -1:
     # tokens[0..n) at positions 0..n-1 through forward_batch: the KV cache that n forward() calls
-    # leave. Returns n, or 0 for an engine without a batched forward (run_cuda)
+    # leave, through the batch state of through (default: the transformer's own). Returns n, or
+    # 0 for an engine without a batched forward (run_cuda)
     if n <= 0 or not isinstance(transformer, Transformer):
         return 0
     cdef int[::1] ids = array.array("i", tokens[:n])
     cdef Transformer t = transformer
+    if through is None:
+        through = t
     with nogil:
-        forward_prompt(t, &ids[0], n, 0, False)
+        forward_prompt(t, &through.batch, &ids[0], n, 0, False)
     return n
 
 cdef int prompt_chunk(Transformer transformer, list tokens, int start, int n, int pos) except -1:
@@ -96,7 +100,7 @@ cdef int prompt_chunk(Transformer transformer, list tokens, int start, int n, in
     n = min(n, MAX_LOGITS)
     cdef int[::1] ids = array.array("i", tokens[start:start + n])
     with nogil:
-        forward_prompt(transformer, &ids[0], n, pos, True)
+        forward_prompt(transformer, &transformer.batch, &ids[0], n, pos, True)
     return n
 
 cdef float[::1] batch_logits(Transformer transformer, int row):

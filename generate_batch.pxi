@@ -12,7 +12,8 @@ def generate_batch(Transformer transformer, tokenizer, list samplers, list promp
     A sequence whose index the caller puts in stopped is dropped at the next pass."""
     cdef int n = len(prompts), i, b, B, next
     steps = list(steps)  # this generation's own: a sequence's ends when it meets BOS (or EOS)
-    cdef list states = [transformer.with_new_state() for _ in range(n)]  # a KV cache each
+    # a KV cache each; forward_batch's buffers once, the first sequence's (new_state)
+    cdef list states = [new_state(transformer, i == 0) for i in range(n)]
     cdef list prompt_tokens = [prompt_tokens_of(tokenizer, p) for p in prompts]
     cdef list pos = [0] * n, token = [t[0] for t in prompt_tokens], live = []
     cdef BatchEntry batch[MAX_LOGITS]
@@ -25,7 +26,8 @@ def generate_batch(Transformer transformer, tokenizer, list samplers, list promp
         piece = first_piece(tokenizer, prompt_tokens[i])
         if piece:
             yield i, piece
-        prefilled = prefill(states[i], prompt_tokens[i], min(len(prompt_tokens[i]) - 1, steps[i]))
+        prefilled = prefill(states[i], prompt_tokens[i], min(len(prompt_tokens[i]) - 1, steps[i]),
+                            states[0])
         while pos[i] < prefilled:
             next = prompt_tokens[i][pos[i] + 1]
             pos[i] += 1

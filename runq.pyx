@@ -225,25 +225,7 @@ cdef class Transformer:
     def with_new_state(self):
         """A Transformer on the same mapped weights with a run state (KV cache) of its own: one
         per sequence, so that sequences never see each other's activations."""
-        cdef Transformer t = Transformer.__new__(Transformer)
-        t.weights_owner = self.weights_owner or self
-        t.c_config = self.c_config
-        t.c_weights = self.c_weights
-        t.c_packed = self.c_packed
-        t.packed = self.packed
-        t._mmap = self._mmap
-        t._data = self._data
-        t.version = self.version
-        t.shared_classifier = self.shared_classifier
-        t.group_size = self.group_size
-        t.file_size = self.file_size
-        t.checkpoint_path = self.checkpoint_path
-        t.header = self.header
-        t.norm_eps = self.norm_eps
-        t.rope_freqs = self.rope_freqs
-        t._rope_table = self._rope_table
-        malloc_states(t)
-        return t
+        return new_state(self, True)
 
     def __dealloc__(self):
         free_transformer(self)
@@ -330,7 +312,7 @@ cdef class Transformer:
                              f"[0, {self.c_config.seq_len})")
         with exclusive_state(self):
             with nogil:
-                forward_prompt(self, &ids[0], <int>n, pos, False)
+                forward_prompt(self, &self.batch, &ids[0], <int>n, pos, False)
             return np.array(<float[:self.c_config.vocab_size]>self.state.logits, dtype=np.float32)
 
 
@@ -905,11 +887,38 @@ cdef build_transformer(Transformer t, checkpoint_path, bint pack):
     # allocate the RunState buffers
     malloc_states(t)
 
-cdef malloc_states(Transformer t):
+cdef Transformer new_state(Transformer self, bint batch_state):
+    # with_new_state(); without batch_state, a run state alone, for generate_batch's sequences
+    # after the first, which go through the first's batch state (batch.pxi: prefill's through).
+    # Allocated for each sequence of each call, forward_batch's buffers (11 MB at 110M) came back
+    # from glibc's heap when freed, and a process that called generate_batch with 16 prompts
+    # again and again grew by some 75 MB a call. Such a Transformer never leaves generate_batch
+    cdef Transformer t = Transformer.__new__(Transformer)
+    t.weights_owner = self.weights_owner or self
+    t.c_config = self.c_config
+    t.c_weights = self.c_weights
+    t.c_packed = self.c_packed
+    t.packed = self.packed
+    t._mmap = self._mmap
+    t._data = self._data
+    t.version = self.version
+    t.shared_classifier = self.shared_classifier
+    t.group_size = self.group_size
+    t.file_size = self.file_size
+    t.checkpoint_path = self.checkpoint_path
+    t.header = self.header
+    t.norm_eps = self.norm_eps
+    t.rope_freqs = self.rope_freqs
+    t._rope_table = self._rope_table
+    malloc_states(t, batch_state)
+    return t
+
+cdef malloc_states(Transformer t, bint batch_state=True):
     # the run state and forward_batch's, refused in one line that names the model on failure
     try:
         malloc_run_state(&t.state, &t.c_config)
-        malloc_batch_state(&t.batch, &t.c_config)
+        if batch_state:
+            malloc_batch_state(&t.batch, &t.c_config)
     except MemoryError as e:
         raise LlamaError(f"{t.checkpoint_path}: out of memory: {e}") from None
     t.state_lock = threading.Lock()
