@@ -341,7 +341,6 @@ def test_packed_copy_is_made_while_it_fits_and_given_up_only_when_it_does_not(tm
     np.testing.assert_array_equal(unpacked.forward(7, 0), expected)
 
 
-
 BATCH_PROBE = PROBE_START + r"""
 model = runq.Model(sys.argv[1], sys.argv[2])
 loaded = status("VmRSS")
