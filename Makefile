@@ -8,7 +8,7 @@ VENV ?= .venv
 PY ?= $(VENV)/bin/python
 DEPS := $(VENV)/.requirements-installed
 DEV_DEPS := $(VENV)/.requirements-dev-installed
-SOURCES := run.pyx runq.pyx stdout.pxi batch.pxi generate_batch.pxi hf_tokenizer.pxi team.pxi rope.pxi attention.pxi sampling.pxi f32dot.h q8matmul.h setup.py
+SOURCES := run.pyx runq.pyx stdout.pxi batch.pxi generate_batch.pxi hf_tokenizer.pxi team.pxi rope.pxi attention.pxi sampling.pxi f32dot.h q8matmul.h argmax.h setup.py
 BUILD = LLAMA_CFLAGS="$(1)" $(PY) setup.py -q build_ext --inplace --force
 # the IEEE-exact build (make run's flags) that the tests hold to C's -O3 output, kept apart
 EXACT := build/exact

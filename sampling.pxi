@@ -1,15 +1,14 @@
 # Included by run.pyx and runq.pyx after their sample_topp (written once: it has no twin in the C):
 # two of the sampler's steps, rewritten to return run.c's token sooner. sample() calls them.
 #
-# sample_argmax_fast: greedy sampling's index (temperature 0: the command line's -t 0, and
-# make bench's decodes). run.c's loop compares one logit at a time: 26 us for 32000 of
-# them here, 1-2% of a 15M decode step and 4% of a pass of 16 sequences (generate_batch). This
-# compares 16 at a time against the largest so far and runs run.c's loop only over the 16 that
-# hold a larger one (a few, after the first): 2 us. It returns run.c's index: over 16 values the
-# loop changes nothing unless one of them is larger than the largest before them, the very test
-# made first. C's > is false beside a NaN in both (an all-NaN row gives 0, as in C); the fast
-# build assumes there is no NaN, and there a NaN may send its 16 through run.c's loop, which
-# decides.
+# sample_argmax_fast (argmax.h): greedy sampling's index (temperature 0: the command line's -t 0,
+# and make bench's decodes). run.c's loop compares one logit at a time: 26 us for 32000 of them
+# here, 1-2% of a 15M decode step and 4% of a pass of 16 sequences (generate_batch). This compares
+# 16 at a time against the largest so far and runs run.c's loop only over the 16 that hold a
+# larger one (a few, after the first): 2 us. It returns run.c's index: over 16 values the loop
+# changes nothing unless one of them is larger than the largest before them, the very test made
+# first. C's > is false beside a NaN in both (an all-NaN row gives 0, as in C); the fast build
+# assumes there is no NaN, and there a NaN may send its 16 through run.c's loop, which decides.
 #
 # sample_topp_fast: top-p sampling that returns sample_topp's token without its qsort. Why:
 # sample_topp sorts every candidate (probability >= (1 - topp) / (n - 1)) with qsort and a
@@ -25,47 +24,7 @@
 # (NaN, infinity, a negative value that -Ofast let through), and an empty nucleus (sample_topp's
 # edge case). tests/test_sampling.py holds the two to the same token on many distributions.
 
-cdef extern from *:
-    """
-    #if defined(__AVX512F__) || defined(__AVX__)
-    #include <immintrin.h>
-    #endif
-    /* whether one of p[0..16) is larger than max_p, C's > for each (an ordered compare: false
-     * where either is NaN). With vector compares where the build has them: gcc -O3 compiled the
-     * plain loop into 11 us for 32000 values, the vector compares into 2 */
-    static inline int argmax_any_larger16(const float* p, float max_p) {
-    #if defined(__AVX512F__)
-        return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(max_p), _CMP_GT_OQ) != 0;
-    #elif defined(__AVX__)
-        __m256 best = _mm256_set1_ps(max_p);
-        return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), best, _CMP_GT_OQ),
-                                               _mm256_cmp_ps(_mm256_loadu_ps(p + 8), best, _CMP_GT_OQ))) != 0;
-    #else
-        int larger = 0;
-        for (int k = 0; k < 16; k++)
-            larger |= p[k] > max_p;
-        return larger;
-    #endif
-    }
-    /* sample_argmax's index (sampling.pxi's header says how) */
-    static int sample_argmax_fast(const float* probabilities, int n) {
-        int max_i = 0, i = 1;
-        float max_p = probabilities[0];
-        for (; i + 16 <= n; i += 16)
-            if (argmax_any_larger16(probabilities + i, max_p))
-                for (int k = i; k < i + 16; k++)
-                    if (probabilities[k] > max_p) {
-                        max_i = k;
-                        max_p = probabilities[k];
-                    }
-        for (; i < n; i++)
-            if (probabilities[i] > max_p) {
-                max_i = i;
-                max_p = probabilities[i];
-            }
-        return max_i;
-    }
-    """
+cdef extern from "argmax.h":
     int sample_argmax_fast(const float* probabilities, int n) noexcept nogil
 
 DEF TOPP_DIGIT_BITS = 11  # the radix sort's digit: 3 passes over 32 bits, 2048 counters each

@@ -28,7 +28,7 @@ def compiler_flags():
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # the C headers a .pyx includes (a change rebuilds it)
-DEPENDS = {"run.pyx": ["f32dot.h"], "runq.pyx": ["q8matmul.h"]}
+DEPENDS = {"run.pyx": ["f32dot.h", "argmax.h"], "runq.pyx": ["q8matmul.h", "f32dot.h", "argmax.h"]}
 
 
 def extension(name, source):

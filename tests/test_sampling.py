@@ -13,6 +13,7 @@ import pytest
 import run
 import runq
 from tests.helpers import REPO, TESTDATA, in_build
+from tests.test_f32dot import cpu_flags
 
 MODULES = {"run": run, "runq": runq}
 ENGINES = {"run": run._run, "runq": runq._runq}  # their compiled modules (sample_topp_of)
@@ -154,6 +155,31 @@ def test_greedy_sampler_takes_the_first_largest(module):
     logits = np.random.default_rng(6).standard_normal(32000).astype(np.float32)
     logits[[7000, 20000]] = logits.max() + 1
     assert module.Sampler(32000, 0.0, 0.9, 1).sample(logits) == 7000
+
+
+# flags, the CPU features they need, and the path of argmax.h they select
+ARGMAX_BUILDS = {"ieee": (["-O3"], set(), "plain"),
+                 "ieee-avx": (["-O3", "-mavx"], {"avx"}, "avx"),
+                 "ieee-avx512": (["-O3", "-mavx512f"], {"avx512f"}, "avx512"),
+                 "fast": (["-Ofast"], set(), "plain"),
+                 "fast-avx2": (["-Ofast", "-march=haswell"], {"avx2", "fma", "bmi2", "movbe"}, "avx"),
+                 "fast-avx512": (["-Ofast", "-march=skylake-avx512"],
+                                 {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"}, "avx512")}
+
+
+@pytest.mark.parametrize("build", ARGMAX_BUILDS)
+def test_every_argmax_path_takes_what_run_c_takes(build, tmp_path):
+    """The extension is built for one CPU: tests/argmax_check.c holds each path of argmax.h that
+    this CPU can run (plain, AVX, AVX-512; IEEE and fast-math) to run.c's loop on 20000 rows."""
+    flags, needs, path = ARGMAX_BUILDS[build]
+    if not needs <= cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(needs - cpu_flags())}")
+    exe = tmp_path / "argmax_check"
+    subprocess.run(["gcc", *flags, "-Wall", "-Werror", "-I", str(REPO), str(REPO / "tests" / "argmax_check.c"),
+                    "-o", str(exe), "-lm"], check=True)
+    chosen, compared, differ = subprocess.run([str(exe)], capture_output=True, text=True,
+                                              check=True).stdout.split()
+    assert (chosen, int(compared), int(differ)) == (path, 20000, 0)
 
 
 @pytest.mark.parametrize("prog", MODULES)
